@@ -1,0 +1,242 @@
+"""`Artifact`: a draft of a version, built up locally and then logged with `Store.log_artifact`.
+
+Adding records *what* to log (local paths, staged new files, references) and checks it at
+once, so bad input fails before anything is written; hashing and copying happen in parallel
+at log time, where the store's stat cache can skip unchanged files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import tempfile
+import weakref
+from dataclasses import dataclass
+from typing import IO, Any, Iterator
+
+from . import names
+from .blobstore import hash_file
+from .errors import ArtifactFSError, InvalidName
+from .manifest import Manifest, ManifestEntry
+from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
+
+__all__ = ["Artifact"]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A local file whose bytes go into the blob store at log time."""
+
+    src: str  # absolute path
+
+
+Pending = LocalFile | FileRef | Tracked
+
+
+class Artifact:
+    """A draft artifact version (the W&B `wandb.Artifact` shape)."""
+
+    def __init__(self, name: str, type: str = "dataset", description: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self.name = names.check_name(name)
+        if not isinstance(type, str) or not type or "\x00" in type or len(type) > 128:
+            raise InvalidName(f"bad artifact type {type!r}: a non-empty string of at most 128 characters")
+        self.type = type
+        if description is not None and not isinstance(description, str):
+            raise InvalidName("description must be a string")
+        self.description = description
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise InvalidName("metadata must be a dict")
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            raise InvalidName(f"metadata is not JSON-serialisable: {e}") from None
+        self.metadata = metadata
+        self._pending: dict[str, Pending] = {}
+        self._artifact_refs: list[PendingArtifactRef] = []
+        self._local_names: dict[str, str] = {}  # absolute local path -> entry path
+        self._staging: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Artifact({self.name!r}, type={self.type!r}, entries={len(self._pending)})"
+
+    # -- adding -----------------------------------------------------------------------------
+
+    def _check_free(self, paths: list[str]) -> None:
+        seen: set[str] = set()
+        for p in paths:
+            if p in self._pending or p in seen:
+                raise InvalidName(f"entry {p!r} was already added to artifact {self.name!r}")
+            seen.add(p)
+
+    def add_file(self, local_path: str | os.PathLike[str], name: str | None = None) -> ManifestEntry:
+        """Add one local file; its entry is `name` or the file's base name."""
+        src = os.path.abspath(os.fspath(local_path))
+        st = os.stat(src)  # FileNotFoundError for a missing file, as users expect
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidName(f"{local_path}: not a regular file (use add_dir for directories)")
+        path = names.check_entry_path(name if name is not None else os.path.basename(src))
+        self._check_free([path])
+        self._pending[path] = LocalFile(src)
+        self._local_names[src] = path
+        return ManifestEntry(path, "", st.st_size)
+
+    def add_dir(self, local_path: str | os.PathLike[str], name: str | None = None) -> None:
+        """Add every regular file below a directory, as `name/<relative path>`.
+
+        Symlinks to regular files are stored with their target's content (as `cp -L` would);
+        symlinks to directories are not followed, so loops and trees outside are never walked.
+        Other special files (sockets, FIFOs, devices) are skipped.
+        """
+        root = os.path.abspath(os.fspath(local_path))
+        if not os.path.isdir(root):
+            if not os.path.exists(root):
+                raise FileNotFoundError(f"no such directory: {local_path}")
+            raise InvalidName(f"{local_path}: not a directory (use add_file for files)")
+        if name is not None:
+            names.check_entry_path(name)
+        found: list[tuple[str, str]] = []
+        for src, rel in _walk_files(root):
+            try:
+                found.append((names.join_entry(name, rel), src))
+            except InvalidName as e:
+                raise InvalidName(f"cannot add {src!r}: {e}") from None
+        self._check_free([p for p, _ in found])
+        for path, src in found:
+            self._pending[path] = LocalFile(src)
+            self._local_names[src] = path
+
+    def new_file(self, name: str, mode: str = "x", encoding: str | None = None) -> _NewFile:
+        """Open a new file that becomes entry `name` when closed (text mode unless mode has 'b')."""
+        path = names.check_entry_path(name)
+        self._check_free([path])
+        if "r" in mode or "+" in mode:
+            raise InvalidName(f"new_file mode {mode!r}: only write modes are allowed")
+        binary = "b" in mode
+        staging = self._staging_dir()
+        fd, tmp = tempfile.mkstemp(dir=staging)
+        os.close(fd)
+        return _NewFile(self, path, tmp, binary, encoding)
+
+    def add(self, obj: Any, name: str) -> ManifestEntry:
+        """Add a JSON-serialisable object as entry `name.json` (read back with `get`)."""
+        if not name.endswith(".json"):
+            name = name + ".json"
+        path = names.check_entry_path(name)
+        self._check_free([path])
+        try:
+            data = json.dumps(obj, sort_keys=True, indent=2).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise InvalidName(f"object for {name!r} is not JSON-serialisable: {e}") from None
+        fd, tmp = tempfile.mkstemp(dir=self._staging_dir())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self._pending[path] = LocalFile(tmp)
+        return ManifestEntry(path, "", len(data))
+
+    def add_reference(self, uri: str, name: str | None = None, checksum: bool = True,
+                      max_objects: int | None = None) -> list[ManifestEntry]:
+        """Add a reference: file:// (file or directory), artifact://NAME:VER/PATH, or tracked."""
+        limit = DEFAULT_MAX_OBJECTS if max_objects is None else max_objects
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidName(f"max_objects must be a positive integer, not {max_objects!r}")
+        if name is not None:
+            names.check_entry_path(name.rstrip("/") if name.endswith("/") and name != "/" else name)
+        result = expand_reference(uri, name=name, checksum=checksum, max_objects=limit)
+        if isinstance(result, PendingArtifactRef):
+            self._artifact_refs.append(result)
+            return []
+        paths = [p for p, _ in result]
+        self._check_free(paths)
+        out = []
+        for path, item in result:
+            self._pending[path] = item
+            if isinstance(item, FileRef):
+                out.append(ManifestEntry(path, item.uri, item.size, item.uri))
+            else:
+                out.append(ManifestEntry(path, item.uri, None, item.uri))
+        return out
+
+    def get_added_local_path_name(self, local_path: str | os.PathLike[str]) -> str | None:
+        """The entry path a local file was added under, or None (paths are normalised)."""
+        return self._local_names.get(os.path.abspath(os.fspath(local_path)))
+
+    # -- reading the draft ------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        """The draft's manifest: local files hashed now; artifact:// refs resolve at log time."""
+        m = Manifest()
+        for path, item in self._pending.items():
+            if isinstance(item, LocalFile):
+                d, xxh, size = hash_file(item.src)
+                m.entries[path] = ManifestEntry(path, d, size, None, {"xxh128": xxh})
+            elif isinstance(item, FileRef):
+                if item.checksum:
+                    d, xxh, size = hash_file(item.src)
+                    m.entries[path] = ManifestEntry(path, d, size, item.uri, {"xxh128": xxh})
+                else:
+                    m.entries[path] = ManifestEntry(path, item.uri, item.size, item.uri)
+            else:
+                m.entries[path] = ManifestEntry(path, item.uri, None, item.uri)
+        return m
+
+    def _items(self) -> Iterator[tuple[str, Pending]]:
+        return iter(self._pending.items())
+
+    def _staging_dir(self) -> str:
+        if self._staging is None:
+            self._staging = tempfile.mkdtemp(prefix="artifactfs-draft-")
+            weakref.finalize(self, shutil.rmtree, self._staging, True)
+        return self._staging
+
+
+class _NewFile:
+    """The context manager `Artifact.new_file` returns; the entry is added on a clean close."""
+
+    def __init__(self, art: Artifact, path: str, tmp: str, binary: bool, encoding: str | None) -> None:
+        self._art, self._path, self._tmp = art, path, tmp
+        raw = open(tmp, "wb")
+        self._f: IO[Any] = raw if binary else io.TextIOWrapper(raw, encoding=encoding or "utf-8")
+
+    def __enter__(self) -> IO[Any]:
+        return self._f
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._f.close()
+        if exc_type is None:
+            self._art._check_free([self._path])
+            self._art._pending[self._path] = LocalFile(self._tmp)
+        else:
+            os.unlink(self._tmp)
+
+    def write(self, data: Any) -> int:
+        return self._f.write(data)
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
+
+
+def _walk_files(root: str) -> Iterator[tuple[str, str]]:
+    """(absolute path, relative POSIX path) of each regular file below root, sorted."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        d = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except PermissionError as e:
+            raise ArtifactFSError(f"cannot read directory {d}: {e.strerror}") from None
+        subdirs = []
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(rel)
+            elif e.is_file(follow_symlinks=True):
+                yield e.path, rel
+        stack.extend(reversed(subdirs))

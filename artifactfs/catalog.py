@@ -1,0 +1,290 @@
+"""The catalog: a small wrapper around SQLite. All SQL of artifactfs lives in this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Iterator, NamedTuple, NewType
+
+from .errors import CatalogError, StoreFull
+
+SCHEMA_VERSION = 1
+VersionId = NewType("VersionId", int)
+BUSY_TIMEOUT_MS = 60_000
+
+
+class EntryRow(NamedTuple):
+    """One manifest entry as stored."""
+
+    path: str
+    digest: str
+    size: int | None
+    ref: str | None
+    blob: str | None
+    xxh128: str | None
+    extra: dict[str, Any]
+
+
+class VersionRow(NamedTuple):
+    id: VersionId
+    name: str
+    type: str
+    index: int
+    digest: str
+    description: str | None
+    metadata: dict[str, Any]
+    created_at: float
+    n_entries: int
+    total_size: int
+
+
+@dataclass(frozen=True)
+class ArtifactSnap:
+    """What a mount shows of one artifact: versions by index and aliases to indexes."""
+
+    name: str
+    versions: dict[int, tuple[VersionId, float]] = field(default_factory=dict)  # index -> (id, created_at)
+    aliases: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    artifacts: dict[str, ArtifactSnap]
+
+
+def _map_error(e: sqlite3.Error, path: str) -> Exception:
+    msg = str(e)
+    if isinstance(e, sqlite3.OperationalError) and "disk is full" in msg or "database or disk is full" in msg:
+        return StoreFull(28, f"the store's filesystem is full (catalog {path})")
+    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
+        return CatalogError(f"catalog {path} is damaged or not a database: {msg}")
+    return CatalogError(f"catalog {path}: {msg}")
+
+
+class Catalog:
+    """SQLite in WAL mode with a busy timeout; explicit transactions; helpers for the rest."""
+
+    def __init__(self, path: str, *, create: bool = True) -> None:
+        self.path = path
+        self._local = threading.local()
+        if not create and not os.path.exists(path):
+            raise CatalogError(f"no catalog at {path}")
+        try:
+            self._init()
+        except sqlite3.Error as e:
+            raise _map_error(e, path) from e
+
+    # -- connection -------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                check_same_thread=True)
+            c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            c.execute("PRAGMA foreign_keys = ON")
+            c.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoint, never corrupt
+            self._local.conn = c
+        return c
+
+    def _init(self) -> None:
+        c = self.conn
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise CatalogError(f"catalog {self.path}: cannot switch to WAL mode (got {mode})")
+        v = c.execute("PRAGMA user_version").fetchone()[0]
+        if v > SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog {self.path} has schema version {v}; this artifactfs knows up to {SCHEMA_VERSION}"
+            )
+        if v < SCHEMA_VERSION:
+            sql = resources.files("artifactfs").joinpath("schema.sql").read_text()
+            with self.transaction():
+                for stmt in _split_sql(sql):
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, retried while another writer holds the lock."""
+        c = self.conn
+        delay = 0.005
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise _map_error(e, self.path) from e
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.2)
+        try:
+            yield c
+            c.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                c.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.Error):
+                raise _map_error(exc, self.path) from exc
+            raise
+
+    def get_row(self, sql: str, params: Iterable[Any] = ()) -> tuple[Any, ...] | None:
+        try:
+            return self.conn.execute(sql, tuple(params)).fetchone()
+        except sqlite3.Error as e:
+            raise _map_error(e, self.path) from e
+
+    def get_val(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        row = self.get_row(sql, params)
+        return None if row is None else row[0]
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self.conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as e:
+            raise _map_error(e, self.path) from e
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        return int(self.get_val("SELECT value FROM meta WHERE key = 'generation'") or 0)
+
+    def artifact_names(self) -> list[str]:
+        return [r[0] for r in self.query(
+            "SELECT a.name FROM artifacts a WHERE EXISTS (SELECT 1 FROM versions v WHERE v.artifact_id = a.id) ORDER BY a.name"
+        )]
+
+    _VERSION_COLS = ("v.id, a.name, a.type, v.idx, v.digest, v.description, v.metadata, "
+                     "v.created_at, v.n_entries, v.total_size")
+
+    def _version_row(self, r: tuple[Any, ...]) -> VersionRow:
+        return VersionRow(VersionId(r[0]), r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9])
+
+    def version_by_index(self, name: str, index: int) -> VersionRow | None:
+        r = self.get_row(f"SELECT {self._VERSION_COLS} FROM versions v JOIN artifacts a ON a.id = v.artifact_id "
+                         "WHERE a.name = ? AND v.idx = ?", (name, index))
+        return None if r is None else self._version_row(r)
+
+    def version_by_alias(self, name: str, alias: str) -> VersionRow | None:
+        r = self.get_row(f"SELECT {self._VERSION_COLS} FROM aliases x JOIN versions v ON v.id = x.version_id "
+                         "JOIN artifacts a ON a.id = v.artifact_id WHERE a.name = ? AND x.alias = ?", (name, alias))
+        return None if r is None else self._version_row(r)
+
+    def version_by_id(self, vid: int) -> VersionRow | None:
+        r = self.get_row(f"SELECT {self._VERSION_COLS} FROM versions v JOIN artifacts a ON a.id = v.artifact_id "
+                         "WHERE v.id = ?", (vid,))
+        return None if r is None else self._version_row(r)
+
+    def versions_of(self, name: str) -> list[VersionRow]:
+        return [self._version_row(r) for r in self.query(
+            f"SELECT {self._VERSION_COLS} FROM versions v JOIN artifacts a ON a.id = v.artifact_id "
+            "WHERE a.name = ? ORDER BY v.idx", (name,))]
+
+    def artifact_exists(self, name: str) -> bool:
+        return self.get_val("SELECT 1 FROM artifacts WHERE name = ?", (name,)) is not None
+
+    def aliases_of(self, vid: int) -> list[str]:
+        return [r[0] for r in self.query(
+            "SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias = 'latest' DESC, alias", (vid,))]
+
+    def entries(self, vid: int) -> list[EntryRow]:
+        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in self.query(
+            "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries WHERE version_id = ? ORDER BY path",
+            (vid,))]
+
+    def entry(self, vid: int, path: str) -> EntryRow | None:
+        r = self.get_row("SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
+                         "WHERE version_id = ? AND path = ?", (vid, path))
+        return None if r is None else EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
+
+    def entries_under(self, vid: int, prefix: str) -> list[EntryRow]:
+        # Range scan on the primary key: every path starting with prefix.
+        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in self.query(
+            "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
+            "WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path", (vid, prefix, prefix + "\U0010ffff"))]
+
+    def snapshot(self) -> Snapshot:
+        """Artifacts, versions and aliases as one consistent picture (one read transaction)."""
+        c = self.conn
+        try:
+            c.execute("BEGIN")
+            try:
+                gen = int(c.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+                arts: dict[str, ArtifactSnap] = {}
+                for name, vid, idx, created in c.execute(
+                        "SELECT a.name, v.id, v.idx, v.created_at FROM versions v "
+                        "JOIN artifacts a ON a.id = v.artifact_id ORDER BY a.name, v.idx"):
+                    arts.setdefault(name, ArtifactSnap(name)).versions[idx] = (VersionId(vid), created)
+                for name, alias, idx in c.execute(
+                        "SELECT a.name, x.alias, v.idx FROM aliases x JOIN versions v ON v.id = x.version_id "
+                        "JOIN artifacts a ON a.id = v.artifact_id"):
+                    if name in arts:
+                        arts[name].aliases[alias] = idx
+            finally:
+                c.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise _map_error(e, self.path) from e
+        return Snapshot(gen, arts)
+
+    def referenced_blobs(self) -> set[str]:
+        return {r[0] for r in self.query("SELECT DISTINCT blob FROM entries WHERE blob IS NOT NULL")}
+
+    def versions_using_blob(self, oid: str) -> list[str]:
+        return [f"{r[0]}:v{r[1]}" for r in self.query(
+            "SELECT DISTINCT a.name, v.idx FROM entries e JOIN versions v ON v.id = e.version_id "
+            "JOIN artifacts a ON a.id = v.artifact_id WHERE e.blob = ? ORDER BY a.name, v.idx", (oid,))]
+
+    # -- stat cache -------------------------------------------------------------------------
+
+    def stat_cache_lookup(self, keys: list[tuple[int, int, int, int, int]]) -> dict[tuple[int, int, int, int, int], tuple[str, str]]:
+        """Map each (dev, ino, size, mtime_ns, ctime_ns) found unchanged to (blake3, xxh128)."""
+        found: dict[tuple[int, int, int, int, int], tuple[str, str]] = {}
+        wanted = {(k[0], k[1]): k for k in keys}
+        pairs = list(wanted)
+        for i in range(0, len(pairs), 400):
+            chunk = pairs[i:i + 400]
+            cond = " OR ".join(["(dev = ? AND ino = ?)"] * len(chunk))
+            params = [x for p in chunk for x in p]
+            for dev, ino, size, mt, ct, b3, xx in self.query(
+                    f"SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128 FROM stat_cache WHERE {cond}", params):
+                k = wanted.get((dev, ino))
+                if k is not None and k == (dev, ino, size, mt, ct):
+                    found[k] = (b3, xx)
+        return found
+
+    def stat_cache_store(self, rows: list[tuple[int, int, int, int, int, str, str]]) -> None:
+        if not rows:
+            return
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @staticmethod
+    def bump_generation(c: sqlite3.Connection) -> None:
+        c.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Split the schema file into statements (it has no semicolons inside strings)."""
+    lines = [ln.split("--", 1)[0] for ln in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

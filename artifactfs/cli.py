@@ -1,0 +1,396 @@
+"""The `artifactfs` command: thin commands over the public API.
+
+Every user error prints one line on stderr and exits non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .artifact import Artifact
+from .errors import ArtifactFSError
+from .store import ArtifactVersion, Store, default_root
+
+EXIT_ERROR = 1
+EXIT_DAMAGE = 3
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    f = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if f < 1000 or unit == "TB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1000
+    return str(n)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on a terminal (stderr); nothing when output is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.console import Console
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(soft_wrap=False, width=max(100, os.get_terminal_size(1).columns if sys.stdout.isatty() else 160)).print(t)
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _version_json(v: ArtifactVersion, *, files: bool = False) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": v.name, "version": v.version, "index": v.index, "type": v.type, "digest": v.digest,
+        "aliases": v.aliases, "description": v.description, "metadata": v.metadata,
+        "created_at": v.created_at, "size": v.size, "files": v.file_count,
+    }
+    if files:
+        d["entries"] = [{"path": e.path, "digest": e.digest, "size": e.size, "ref": e.ref, "extra": e.extra}
+                        for e in v.files()]
+    return d
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_log(store: Store, a: argparse.Namespace) -> int:
+    metadata = None
+    if a.metadata is not None:
+        try:
+            metadata = json.loads(a.metadata)
+        except json.JSONDecodeError as e:
+            raise ArtifactFSError(f"--metadata is not valid JSON: {e.msg}") from None
+    art = Artifact(a.name, type=a.type, description=a.description, metadata=metadata)
+    if not a.paths and not a.ref:
+        raise ArtifactFSError("nothing to log: give a PATH or --ref URI")
+    for p in a.paths:
+        if os.path.isdir(p):
+            art.add_dir(p)
+        elif os.path.exists(p):
+            art.add_file(p)
+        else:
+            raise FileNotFoundError(f"no such file or directory: {p}")
+    for uri in a.ref:
+        art.add_reference(uri)
+    with progress_bar(f"logging {a.name}") as prog:
+        v = store.log_artifact(art, aliases=a.alias, progress=prog)
+    if a.json:
+        _print_json(_version_json(v))
+    else:
+        print(f"{v.qualified_name}  {v.file_count} files, {_human(v.size)}, "
+              f"aliases: {', '.join(v.aliases)}, digest {v.digest[:16]}")
+    return 0
+
+
+def cmd_ls(store: Store, a: argparse.Namespace) -> int:
+    if a.name:
+        vs = store.versions(a.name)
+        if a.json:
+            _print_json([_version_json(v) for v in vs])
+        else:
+            _table(a.name, ["version", "aliases", "files", "size", "created", "digest"],
+                   [[v.version, ", ".join(v.aliases), v.file_count, _human(v.size),
+                     _when(v.created_at), v.digest[:16]] for v in vs])
+        return 0
+    rows = []
+    for name in store.artifacts():
+        vs = store.versions(name)
+        latest = vs[-1]
+        rows.append({"name": name, "type": latest.type, "versions": len(vs), "latest": latest.version,
+                     "size": latest.size, "created_at": latest.created_at})
+    if a.json:
+        _print_json(rows)
+    elif rows:
+        _table(None, ["name", "type", "versions", "latest", "size", "logged"],
+               [[r["name"], r["type"], r["versions"], r["latest"], _human(r["size"]), _when(r["created_at"])]
+                for r in rows])
+    else:
+        print(f"no artifacts in {store.root}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(store: Store, a: argparse.Namespace) -> int:
+    v = store.artifact(a.spec)
+    if a.json:
+        _print_json(_version_json(v, files=True))
+        return 0
+    print(f"{v.qualified_name}  type {v.type}  aliases: {', '.join(v.aliases)}")
+    print(f"digest      {v.digest}")
+    print(f"logged      {_when(v.created_at)}")
+    print(f"size        {_human(v.size)} in {len(v.manifest.entries)} files")
+    if v.description:
+        print(f"description {v.description}")
+    if v.metadata:
+        print(f"metadata    {json.dumps(v.metadata)}")
+    _table(None, ["path", "size", "digest", "ref"],
+           [[e.path, _human(e.size), e.digest[:16] if e.is_checked_content else "-", e.ref or ""]
+            for e in v.files()])
+    return 0
+
+
+def cmd_manifest(store: Store, a: argparse.Namespace) -> int:
+    _print_json(store.artifact(a.spec).manifest.to_manifest_json())
+    return 0
+
+
+def cmd_get(store: Store, a: argparse.Namespace) -> int:
+    v = store.artifact(a.spec)
+    print(v.download(a.dest))
+    return 0
+
+
+def cmd_verify(store: Store, a: argparse.Namespace) -> int:
+    v = store.artifact(a.spec)
+    with progress_bar(f"verifying {v.qualified_name}") as prog:
+        v.verify(a.dir, progress=prog)
+    print(f"{v.qualified_name}: {len(v.manifest.entries)} files verified"
+          + (f" in {a.dir}" if a.dir else ""))
+    return 0
+
+
+def cmd_alias(store: Store, a: argparse.Namespace) -> int:
+    if a.remove:
+        store.remove_alias(a.spec, a.alias)
+        print(f"removed alias {a.alias} from {a.spec.partition(':')[0]}")
+    else:
+        store.set_alias(a.spec, a.alias)
+        v = store.artifact(a.spec)
+        print(f"{v.name}:{a.alias} -> {v.version}")
+    return 0
+
+
+def cmd_delete(store: Store, a: argparse.Namespace) -> int:
+    v = store.artifact(a.spec)
+    store.delete(v.qualified_name)
+    print(f"deleted {v.qualified_name} (its blobs go at the next gc)")
+    return 0
+
+
+def cmd_diff(store: Store, a: argparse.Namespace) -> int:
+    va, vb = store.artifact(a.a), store.artifact(a.b)
+    ea, eb = va.manifest.entries, vb.manifest.entries
+    added = sorted(set(eb) - set(ea))
+    removed = sorted(set(ea) - set(eb))
+    changed = sorted(p for p in set(ea) & set(eb) if (ea[p].digest, ea[p].ref) != (eb[p].digest, eb[p].ref))
+    if a.json:
+        _print_json({"a": va.qualified_name, "b": vb.qualified_name, "added": added, "removed": removed,
+                     "changed": changed})
+    else:
+        for p in added:
+            print(f"+ {p}")
+        for p in removed:
+            print(f"- {p}")
+        for p in changed:
+            print(f"M {p}")
+        print(f"{va.qualified_name} -> {vb.qualified_name}: {len(added)} added, {len(removed)} removed, "
+              f"{len(changed)} changed", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(store: Store, a: argparse.Namespace) -> int:
+    with progress_bar("collecting garbage") as prog:
+        r = store.gc(dry_run=a.dry_run, grace_seconds=a.grace, progress=prog)
+    if a.json:
+        _print_json({"dry_run": r.dry_run, "blobs_freed": r.blobs_freed, "bytes_freed": r.bytes_freed,
+                     "temp_files_removed": r.temp_files_removed})
+    else:
+        verb = "would free" if r.dry_run else "freed"
+        print(f"gc {verb} {r.blobs_freed} blobs ({_human(r.bytes_freed)}) and {r.temp_files_removed} temp files")
+    return 0
+
+
+def cmd_fsck(store: Store, a: argparse.Namespace) -> int:
+    with progress_bar("checking blobs") as prog:
+        r = store.fsck(repair=a.repair, progress=prog)
+    if a.json:
+        _print_json(r.to_json())
+    else:
+        for d in r.damage:
+            print(f"DAMAGE {d}")
+        print(f"fsck: {r.blobs_checked} blobs checked, {len(r.damage)} problems, "
+              f"{r.garbage_blobs} unreferenced blobs ({_human(r.garbage_bytes)}) of garbage"
+              + (f", {len(r.quarantined)} quarantined" if r.quarantined else ""))
+    return 0 if r.ok else EXIT_DAMAGE
+
+
+def cmd_mount(store_root: str, a: argparse.Namespace) -> int:
+    from .daemon import mount_command
+
+    return mount_command(store_root, a.mountpoint, artifact=a.artifact, allow_other=a.allow_other,
+                         foreground=a.foreground, debug=a.debug, verify_reads=a.verify_reads)
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    from .daemon import umount_command
+
+    return umount_command(a.mountpoint)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="artifactfs",
+        description="A content-addressed artifact store with a read-only FUSE view.",
+        epilog="The store is --store PATH, else $ARTIFACTFS_HOME, else $XDG_DATA_HOME/artifactfs, "
+               "else ~/.local/share/artifactfs.")
+    p.add_argument("--store", metavar="PATH", help="store root (default: %(default)s)", default=None)
+    p.add_argument("--version", action="version", version=f"artifactfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return sp
+
+    s = add("log", "log files and directories as a new version of an artifact", json_flag=True)
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("paths", metavar="PATH", nargs="*",
+                   help="a directory's contents go at the root of the version; a file under its base name")
+    s.add_argument("--type", default="dataset", help="artifact type (default: dataset)")
+    s.add_argument("--alias", action="append", default=[], metavar="A", help="alias to add (repeatable)")
+    s.add_argument("--ref", action="append", default=[], metavar="URI",
+                   help="add a reference: file:///path, artifact://NAME:VER/PATH, s3://... (repeatable)")
+    s.add_argument("--description", default=None, metavar="D")
+    s.add_argument("--metadata", default=None, metavar="JSON", help="a JSON object")
+    s.set_defaults(func=cmd_log)
+
+    s = add("ls", "list artifacts, or the versions of one", json_flag=True)
+    s.add_argument("name", metavar="NAME", nargs="?")
+    s.set_defaults(func=cmd_ls)
+
+    s = add("show", "show a version and its files", json_flag=True)
+    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s.set_defaults(func=cmd_show)
+
+    s = add("manifest", "print a version's manifest in the W&B v1 JSON layout")
+    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s.set_defaults(func=cmd_manifest)
+
+    s = add("get", "download a version's files (default ./artifacts/NAME:vN; the mount's path when mounted)")
+    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s.add_argument("dest", metavar="DEST", nargs="?")
+    s.set_defaults(func=cmd_get)
+
+    s = add("verify", "re-hash a version's blobs (or the files in DIR) against its manifest")
+    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s.add_argument("dir", metavar="DIR", nargs="?")
+    s.set_defaults(func=cmd_verify)
+
+    s = add("alias", "point an alias at a version, or remove it")
+    s.add_argument("spec", metavar="NAME:VERSION")
+    s.add_argument("alias", metavar="ALIAS")
+    s.add_argument("--remove", action="store_true", help="remove the alias instead")
+    s.set_defaults(func=cmd_alias)
+
+    s = add("delete", "delete a version (its blobs go at the next gc)")
+    s.add_argument("spec", metavar="NAME:VERSION")
+    s.set_defaults(func=cmd_delete)
+
+    s = add("diff", "compare the files of two versions", json_flag=True)
+    s.add_argument("a", metavar="A")
+    s.add_argument("b", metavar="B")
+    s.set_defaults(func=cmd_diff)
+
+    s = add("gc", "delete blobs no version uses (older than the grace period)", json_flag=True)
+    s.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
+    s.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
+                   help="keep unreferenced blobs younger than this (default: 3600)")
+    s.set_defaults(func=cmd_gc)
+
+    s = add("fsck", "check the store; exit 3 when a blob is missing or corrupt", json_flag=True)
+    s.add_argument("--repair", action="store_true", help="quarantine corrupt blobs")
+    s.set_defaults(func=cmd_fsck)
+
+    s = add("mount", "mount the store (or one version) read-only at MOUNT")
+    s.add_argument("mountpoint", metavar="MOUNT")
+    s.add_argument("--artifact", metavar="NAME:VERSION", help="mount only this version, at the root of MOUNT")
+    s.add_argument("--allow-other", action="store_true", help="let other users read (needs user_allow_other)")
+    s.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
+    s.add_argument("--debug", action="store_true", help="log every request")
+    s.add_argument("--verify-reads", action="store_true",
+                   help="hash each blob on its first open and refuse a corrupt one with EIO")
+    s.set_defaults(func=None, special="mount")
+
+    s = add("umount", "unmount MOUNT; its daemon exits")
+    s.add_argument("mountpoint", metavar="MOUNT")
+    s.set_defaults(func=None, special="umount")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        if getattr(a, "special", None) == "umount":
+            return cmd_umount(a)
+        root = os.path.abspath(a.store) if a.store else default_root()
+        if getattr(a, "special", None) == "mount":
+            return cmd_mount(root, a)
+        # Commands that only read refuse to create a store where none is.
+        creating = a.func is cmd_log
+        if not creating and not os.path.isdir(root):
+            raise ArtifactFSError(f"no store at {root} (log an artifact first, or pass --store)")
+        store = Store(root, create=creating)
+        try:
+            return int(a.func(store, a))
+        finally:
+            store.close()
+    except KeyboardInterrupt:
+        print("artifactfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ArtifactFSError, OSError, ValueError, KeyError, sqlite3.Error) as e:
+        print(f"artifactfs: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyError) and not isinstance(e, ArtifactFSError):
+        msg = str(e.args[0]) if e.args else "not found"
+    elif isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Exceptions of artifactfs; every one derives from ArtifactFSError."""
+
+from __future__ import annotations
+
+
+class ArtifactFSError(Exception):
+    """Base class of every error artifactfs raises on purpose."""
+
+
+class InvalidName(ArtifactFSError, ValueError):
+    """A bad artifact name, alias, version spec or entry path."""
+
+
+class NotFound(ArtifactFSError, KeyError):
+    """A missing artifact, version, alias or entry."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; we want the plain message.
+        return str(self.args[0]) if self.args else ""
+
+
+class DigestMismatch(ArtifactFSError):
+    """A file or blob whose content does not match its recorded digest."""
+
+
+class CatalogError(ArtifactFSError):
+    """The catalog is damaged, not a database, or from a newer artifactfs."""
+
+
+class ReferenceError_(ArtifactFSError, ValueError):
+    """A reference URI that cannot be added (no scheme, too many objects, missing target)."""
+
+
+class StoreFull(ArtifactFSError, OSError):
+    """The store's filesystem ran out of space; nothing was logged."""

@@ -1,0 +1,164 @@
+"""References: one handler per URI scheme, turning a URI into manifest entries.
+
+`file://` paths are expanded (a directory gives one entry per file) and checked to exist when
+added; `artifact://NAME:VERSION_OR_ALIAS/PATH` is resolved once, at log time, to the target
+entries' concrete digests (never a chain of hops; the alias is pinned); any other scheme is
+tracked: recorded as given, nothing read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from . import names
+from .errors import InvalidName, NotFound, ReferenceError_
+
+if TYPE_CHECKING:
+    from .catalog import Catalog, EntryRow
+
+DEFAULT_MAX_OBJECTS = 10_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file:// reference served in place; hashed at log time when `checksum`."""
+
+    src: str
+    uri: str
+    checksum: bool
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """A reference of a scheme we only record (s3://, https://, ...)."""
+
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingArtifactRef:
+    """An artifact:// reference, resolved against the store at log time."""
+
+    uri: str
+    artifact: str  # NAME:VERSION_OR_ALIAS
+    path: str      # entry path, or a prefix ending in "/" (or "" for the whole version)
+    name: str | None
+    max_objects: int
+
+
+def file_uri(path: str) -> str:
+    return "file://" + urllib.parse.quote(path, safe="/")
+
+
+def local_path_of(uri: str) -> str | None:
+    """The local path a file:// URI names, or None for other schemes."""
+    if not uri.startswith("file://"):
+        return None
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.netloc not in ("", "localhost"):
+        return None
+    return urllib.parse.unquote(parsed.path)
+
+
+def expand_reference(uri: str, *, name: str | None, checksum: bool,
+                     max_objects: int) -> list[tuple[str, FileRef | Tracked]] | PendingArtifactRef:
+    if not isinstance(uri, str):
+        raise InvalidName(f"reference URI must be a string, not {type(uri).__name__}")
+    scheme, sep, _ = uri.partition("://")
+    if not sep or not scheme or "/" in scheme:
+        raise ReferenceError_(f"reference {uri!r} has no scheme: use file:///absolute/path for local files")
+    if "\x00" in uri:
+        raise InvalidName(f"reference {uri!r} contains NUL")
+    if scheme == "file":
+        return _expand_file(uri, name, checksum, max_objects)
+    if scheme == "artifact":
+        return _parse_artifact(uri, name, max_objects)
+    path = names.check_entry_path(name if name is not None else _tracked_name(uri))
+    return [(path, Tracked(uri))]
+
+
+def _tracked_name(uri: str) -> str:
+    base = urllib.parse.urlsplit(uri).path.rstrip("/").rsplit("/", 1)[-1]
+    if not base:
+        raise InvalidName(f"reference {uri!r} has no file name: pass name=")
+    return urllib.parse.unquote(base)
+
+
+def _expand_file(uri: str, name: str | None, checksum: bool, max_objects: int) -> list[tuple[str, FileRef | Tracked]]:
+    path = local_path_of(uri)
+    if path is None or not path.startswith("/"):
+        raise ReferenceError_(f"reference {uri!r}: file:// URIs name an absolute local path (file:///abs/path)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reference {uri!r}: no such file or directory: {path}") from None
+    out: list[tuple[str, FileRef | Tracked]] = []
+    if stat.S_ISREG(st.st_mode):
+        entry = names.check_entry_path(name if name is not None else os.path.basename(path.rstrip("/")))
+        return [(entry, FileRef(path, file_uri(path), checksum, st.st_size))]
+    if not stat.S_ISDIR(st.st_mode):
+        raise ReferenceError_(f"reference {uri!r}: not a regular file or directory")
+    prefix = name.rstrip("/") if name else None
+    for src, rel, size in _walk(path):
+        if len(out) >= max_objects:
+            raise ReferenceError_(
+                f"reference {uri!r} expands to more than max_objects={max_objects} files; nothing was added"
+            )
+        try:
+            entry = names.join_entry(prefix, rel)
+        except InvalidName as e:
+            raise InvalidName(f"cannot add {src!r}: {e}") from None
+        out.append((entry, FileRef(src, file_uri(src), checksum, size)))
+    return out
+
+
+def _walk(root: str) -> Iterator[tuple[str, str, int]]:
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        d = os.path.join(root, rel_dir) if rel_dir else root
+        subdirs = []
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(rel)
+            elif e.is_file(follow_symlinks=True):
+                yield e.path, rel, e.stat(follow_symlinks=True).st_size
+        stack.extend(reversed(subdirs))
+
+
+def _parse_artifact(uri: str, name: str | None, max_objects: int) -> PendingArtifactRef:
+    rest = uri[len("artifact://"):]
+    spec, sep, path = rest.partition("/")
+    names.parse_spec(spec)  # raises InvalidName for a bad spec
+    if path and not path.endswith("/"):
+        names.check_entry_path(path)
+    elif path:
+        names.check_entry_path(path.rstrip("/"))
+    return PendingArtifactRef(uri, spec, path, name, max_objects)
+
+
+def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
+                         find_version: "object") -> list[tuple[str, EntryRow]]:
+    """Resolve to (entry path, target row) pairs; `find_version(spec)` returns a VersionRow."""
+    vrow = find_version(ref.artifact)  # type: ignore[operator]
+    if ref.path == "" or ref.path.endswith("/"):
+        rows = catalog.entries_under(vrow.id, ref.path) if ref.path else catalog.entries(vrow.id)
+        if not rows:
+            raise NotFound(f"reference {ref.uri!r}: no entries under {ref.path!r} in {vrow.name}:v{vrow.index}")
+        if len(rows) > ref.max_objects:
+            raise ReferenceError_(
+                f"reference {ref.uri!r} expands to {len(rows)} entries, more than max_objects={ref.max_objects}; "
+                "nothing was logged")
+        prefix = ref.name.rstrip("/") if ref.name else None
+        return [(names.join_entry(prefix, r.path[len(ref.path):]), r) for r in rows]
+    row = catalog.entry(vrow.id, ref.path)
+    if row is None:
+        raise NotFound(f"reference {ref.uri!r}: {vrow.name}:v{vrow.index} has no entry {ref.path!r}")
+    entry = names.check_entry_path(ref.name if ref.name is not None else ref.path.rsplit("/", 1)[-1])
+    return [(entry, row)]

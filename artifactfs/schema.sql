@@ -1,0 +1,75 @@
+-- artifactfs catalog schema, version 1. Applied once to a new catalog; the version lives in
+-- PRAGMA user_version. Idempotent: every statement uses IF NOT EXISTS.
+
+-- One row per artifact name.
+CREATE TABLE IF NOT EXISTS artifacts (
+    id          INTEGER PRIMARY KEY,      -- stable artifact id
+    name        TEXT NOT NULL UNIQUE,     -- [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 chars
+    type        TEXT NOT NULL,            -- "dataset", "model", ... (set by the first version)
+    next_index  INTEGER NOT NULL DEFAULT 0, -- N of the next v<N>; never reused after a delete
+    created_at  REAL NOT NULL             -- unix time of the first version
+);
+
+-- One row per logged (immutable) version.
+CREATE TABLE IF NOT EXISTS versions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- version id: never reused, so inode numbers
+                                          -- derived from it stay unambiguous after deletes
+    artifact_id INTEGER NOT NULL REFERENCES artifacts(id),
+    idx         INTEGER NOT NULL,         -- N of v<N>
+    digest      TEXT NOT NULL,            -- manifest digest: blake3 over the sorted entries
+    description TEXT,                     -- free text, may be NULL
+    metadata    TEXT NOT NULL,            -- JSON object
+    created_at  REAL NOT NULL,            -- unix time of the log
+    n_entries   INTEGER NOT NULL,         -- number of manifest entries
+    total_size  INTEGER NOT NULL,         -- sum of known entry sizes, bytes
+    UNIQUE (artifact_id, idx)
+);
+
+-- Manifest entries of a version: one row per file path.
+CREATE TABLE IF NOT EXISTS entries (
+    version_id  INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    path        TEXT NOT NULL,            -- checked relative POSIX path inside the version
+    digest      TEXT NOT NULL,            -- blake3 hex of the content; the URI for unchecked or tracked refs
+    size        INTEGER,                  -- bytes; NULL for tracked references
+    ref         TEXT,                     -- reference URI, NULL for content held in the blob store
+    blob        TEXT,                     -- blob id holding the content, NULL when served from ref
+    xxh128      TEXT,                     -- base64 XXH128 of the content (W&B digest), NULL when not hashed
+    extra       TEXT NOT NULL DEFAULT '{}', -- JSON: source URI, stat fingerprint, user extras
+    PRIMARY KEY (version_id, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_blob ON entries(blob) WHERE blob IS NOT NULL;
+
+-- Aliases ("latest", "best", ...): each names exactly one version of its artifact.
+CREATE TABLE IF NOT EXISTS aliases (
+    artifact_id INTEGER NOT NULL REFERENCES artifacts(id),
+    alias       TEXT NOT NULL,            -- a name that is not v<N>
+    version_id  INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    PRIMARY KEY (artifact_id, alias)
+) WITHOUT ROWID;
+
+-- Stat cache: lets a re-log of an unchanged file skip hashing it.
+CREATE TABLE IF NOT EXISTS stat_cache (
+    dev         INTEGER NOT NULL,         -- st_dev of the source file
+    ino         INTEGER NOT NULL,         -- st_ino
+    size        INTEGER NOT NULL,         -- st_size when hashed
+    mtime_ns    INTEGER NOT NULL,         -- st_mtime_ns when hashed
+    ctime_ns    INTEGER NOT NULL,         -- st_ctime_ns when hashed
+    blake3      TEXT NOT NULL,            -- content digest
+    xxh128      TEXT NOT NULL,            -- base64 XXH128
+    PRIMARY KEY (dev, ino)
+) WITHOUT ROWID;
+
+-- Running daemons that mount this store (for zero-copy download); liveness checked by pid.
+CREATE TABLE IF NOT EXISTS mounts (
+    mountpoint  TEXT PRIMARY KEY,         -- absolute path of the mount
+    pid         INTEGER NOT NULL,         -- daemon process id
+    artifact    TEXT,                     -- NAME:vN for a single-version mount, NULL for the whole store
+    started_at  REAL NOT NULL             -- unix time the mount became ready
+);
+
+-- Single-row counters.
+CREATE TABLE IF NOT EXISTS meta (
+    key         TEXT PRIMARY KEY,         -- "generation": bumped by every change a mount must show
+    value       INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);

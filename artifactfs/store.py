@@ -1,0 +1,593 @@
+"""`Store` and `ArtifactVersion`: the public API over the blob store and the catalog."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from . import names
+from .artifact import Artifact, LocalFile
+from .blobstore import FICLONE, BlobStore, copy_fd, hash_file
+from .catalog import Catalog, EntryRow, VersionRow
+from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
+from .ingest import Job, Progress, ingest
+from .manifest import Manifest, ManifestEntry, manifest_digest
+from .references import FileRef, Tracked, local_path_of, resolve_artifact_ref
+
+__all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
+
+
+def default_root() -> str:
+    """$ARTIFACTFS_HOME, else $XDG_DATA_HOME/artifactfs, else ~/.local/share/artifactfs."""
+    home = os.environ.get("ARTIFACTFS_HOME")
+    if home:
+        return os.path.abspath(home)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg:
+        return os.path.join(os.path.abspath(xdg), "artifactfs")
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "artifactfs")
+
+
+@dataclass(frozen=True)
+class GCReport:
+    blobs_freed: int
+    bytes_freed: int
+    temp_files_removed: int
+    dry_run: bool
+    freed: list[str] = field(default_factory=list, repr=False)
+
+
+class Store:
+    """An artifact store rooted at a directory (created on first use)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+        self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        if not os.path.isdir(self.root):
+            if not create:
+                raise ArtifactFSError(f"no store at {self.root}")
+            # Created with the caller's umask, no wider: the store may hold private data.
+            os.makedirs(self.root, exist_ok=True)
+        self.blobs = BlobStore(self.root)
+        if create:
+            self.blobs.ensure()
+        self.catalog = Catalog(os.path.join(self.root, "catalog.db"), create=create)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _find(self, spec: str) -> VersionRow:
+        s = names.parse_spec(spec)
+        if s.version is not None:
+            row = self.catalog.version_by_index(s.name, s.version)
+        else:
+            assert s.alias is not None
+            row = self.catalog.version_by_alias(s.name, s.alias)
+        if row is None:
+            if not self.catalog.artifact_exists(s.name) or not self.catalog.versions_of(s.name):
+                raise NotFound(f"no artifact named {s.name!r} in store {self.root}")
+            what = f"version v{s.version}" if s.version is not None else f"alias {s.alias!r}"
+            raise NotFound(f"artifact {s.name!r} has no {what}")
+        return row
+
+    def artifact(self, spec: str) -> ArtifactVersion:
+        """A logged version: `name`, `name:vN`, `name:alias` (a bare name means latest)."""
+        return ArtifactVersion(self, self._find(spec))
+
+    def artifacts(self) -> list[str]:
+        return self.catalog.artifact_names()
+
+    def versions(self, name: str) -> list[ArtifactVersion]:
+        names.check_name(name)
+        rows = self.catalog.versions_of(name)
+        if not rows:
+            raise NotFound(f"no artifact named {name!r} in store {self.root}")
+        return [ArtifactVersion(self, r) for r in rows]
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def log_artifact(self, artifact: Artifact, aliases: Iterable[str] = (), *,
+                     progress: Progress | None = None) -> ArtifactVersion:
+        """Log a draft as a new immutable version ("latest" is added automatically).
+
+        A manifest identical to the artifact's latest version returns that version, with the
+        new aliases added to it. Nothing is written when any input is bad.
+        """
+        if not isinstance(artifact, Artifact):
+            raise TypeError(f"log_artifact takes an Artifact, not {type(artifact).__name__}")
+        if isinstance(aliases, str):
+            aliases = [aliases]
+        alias_list = list(dict.fromkeys(names.check_alias(a) for a in aliases))
+
+        entries: dict[str, EntryRow] = {}
+        # artifact:// first: they fail fast when a target is missing, before any copying.
+        for pref in artifact._artifact_refs:
+            for path, row in resolve_artifact_ref(pref, self.catalog, self._find):
+                if path in entries or path in artifact._pending:
+                    raise InvalidName(f"entry {path!r} was added twice to artifact {artifact.name!r}")
+                extra = {k: v for k, v in row.extra.items() if k != "source"}
+                extra["source"] = pref.uri
+                entries[path] = EntryRow(path, row.digest, row.size, row.ref, row.blob, row.xxh128, extra)
+
+        jobs: list[Job] = []
+        job_paths: list[tuple[str, LocalFile | FileRef]] = []
+        for path, item in artifact._items():
+            if isinstance(item, LocalFile):
+                jobs.append(Job(item.src, True))
+                job_paths.append((path, item))
+            elif isinstance(item, FileRef):
+                if item.checksum:
+                    jobs.append(Job(item.src, False))
+                    job_paths.append((path, item))
+                else:
+                    entries[path] = EntryRow(path, item.uri, item.size, item.uri, None, None, {})
+            elif isinstance(item, Tracked):
+                entries[path] = EntryRow(path, item.uri, None, item.uri, None, None, {})
+        try:
+            hashed = ingest(jobs, self.blobs, self.catalog, progress=progress)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e.filename or e}: vanished before it was logged") from None
+        for (path, item), h in zip(job_paths, hashed):
+            if isinstance(item, LocalFile):
+                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {})
+            else:
+                fp = dict(zip(("dev", "ino", "size", "mtime_ns", "ctime_ns"), h.key))
+                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, {"fingerprint": fp})
+
+        digest = manifest_digest(_as_entries(entries.values()))
+        cache_rows = [(*h.key, h.digest, h.xxh128) for h in hashed if not h.cached]
+        try:
+            self.blobs.sync()  # every blob durable before the transaction that names it commits
+        except OSError as e:
+            raise StoreFull(e.errno or errno.EIO, f"cannot sync the store: {e.strerror}") from e
+        now = time.time()
+        with self.catalog.transaction() as c:
+            row = c.execute("SELECT id, type, next_index FROM artifacts WHERE name = ?",
+                            (artifact.name,)).fetchone()
+            if row is None:
+                art_id = c.execute("INSERT INTO artifacts (name, type, next_index, created_at) VALUES (?, ?, 0, ?)",
+                                   (artifact.name, artifact.type, now)).lastrowid
+                next_index = 0
+            else:
+                art_id, art_type, next_index = row
+                if art_type != artifact.type:
+                    raise InvalidName(f"artifact {artifact.name!r} has type {art_type!r}, not {artifact.type!r}")
+            latest = c.execute("SELECT v.id, v.digest FROM aliases x JOIN versions v ON v.id = x.version_id "
+                               "WHERE x.artifact_id = ? AND x.alias = 'latest'", (art_id,)).fetchone()
+            if latest is not None and latest[1] == digest:
+                vid = latest[0]
+                self._move_aliases(c, art_id, vid, alias_list)
+            else:
+                self._ensure_blobs(entries, job_paths)
+                total = sum(e.size or 0 for e in entries.values())
+                vid = c.execute(
+                    "INSERT INTO versions (artifact_id, idx, digest, description, metadata, created_at, n_entries, "
+                    "total_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (art_id, next_index, digest, artifact.description, json.dumps(artifact.metadata), now,
+                     len(entries), total)).lastrowid
+                c.execute("UPDATE artifacts SET next_index = ? WHERE id = ?", (next_index + 1, art_id))
+                c.executemany(
+                    "INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    ((vid, e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, json.dumps(e.extra))
+                     for e in entries.values()))
+                self._move_aliases(c, art_id, vid, ["latest", *alias_list])
+            if cache_rows:
+                c.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)", cache_rows)
+        return self.artifact_by_id(vid)
+
+    def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]]) -> None:
+        """Inside the log's transaction: every blob it names must exist (gc may have run)."""
+        src_of = {p: item.src for p, item in job_paths if isinstance(item, LocalFile)}
+        rewrote = False
+        for e in entries.values():
+            if e.blob is not None and not self.blobs.has(e.blob):
+                src = src_of.get(e.path)
+                if src is None:
+                    raise ArtifactFSError(
+                        f"blob {e.blob} for entry {e.path!r} (from {e.extra.get('source')}) is missing from the store; "
+                        "run `artifactfs fsck`")
+                self.blobs.put_file(src, expect=e.blob)  # type: ignore[arg-type]
+                rewrote = True
+        if rewrote:
+            self.blobs.sync()
+
+    @staticmethod
+    def _move_aliases(c: Any, art_id: int, vid: int, aliases: list[str]) -> None:
+        for a in aliases:
+            c.execute("INSERT INTO aliases (artifact_id, alias, version_id) VALUES (?, ?, ?) "
+                      "ON CONFLICT (artifact_id, alias) DO UPDATE SET version_id = excluded.version_id",
+                      (art_id, a, vid))
+        Catalog.bump_generation(c)
+
+    def artifact_by_id(self, vid: int) -> ArtifactVersion:
+        row = self.catalog.version_by_id(vid)
+        if row is None:
+            raise NotFound(f"no version with id {vid}")
+        return ArtifactVersion(self, row)
+
+    # -- aliases and deletion -----------------------------------------------------------------
+
+    def set_alias(self, spec: str, alias: str) -> None:
+        """Point `alias` at the version `spec` names (moving it from another version)."""
+        names.check_alias(alias)
+        if alias == "latest":
+            raise InvalidName("the alias 'latest' is managed automatically")
+        row = self._find(spec)
+        with self.catalog.transaction() as c:
+            if c.execute("SELECT 1 FROM versions WHERE id = ?", (row.id,)).fetchone() is None:
+                raise NotFound(f"{spec} was deleted")
+            art_id = c.execute("SELECT artifact_id FROM versions WHERE id = ?", (row.id,)).fetchone()[0]
+            self._move_aliases(c, art_id, row.id, [alias])
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Remove `alias` from artifact `name` (a `name:...` spec is accepted too)."""
+        art = names.parse_spec(name).name
+        names.check_alias(alias)
+        if alias == "latest":
+            raise InvalidName("the alias 'latest' is managed automatically")
+        with self.catalog.transaction() as c:
+            n = c.execute("DELETE FROM aliases WHERE alias = ? AND artifact_id = "
+                          "(SELECT id FROM artifacts WHERE name = ?)", (alias, art)).rowcount
+            if n == 0:
+                raise NotFound(f"artifact {art!r} has no alias {alias!r}")
+            Catalog.bump_generation(c)
+
+    def delete(self, spec: str) -> None:
+        """Delete one version; its blobs go at the next gc. `latest` moves to the newest left."""
+        row = self._find(spec)
+        with self.catalog.transaction() as c:
+            art_id = c.execute("SELECT artifact_id FROM versions WHERE id = ?", (row.id,)).fetchone()
+            if art_id is None:
+                raise NotFound(f"{spec} was already deleted")
+            c.execute("DELETE FROM entries WHERE version_id = ?", (row.id,))
+            c.execute("DELETE FROM aliases WHERE version_id = ?", (row.id,))
+            c.execute("DELETE FROM versions WHERE id = ?", (row.id,))
+            newest = c.execute("SELECT id FROM versions WHERE artifact_id = ? ORDER BY idx DESC LIMIT 1",
+                               (art_id[0],)).fetchone()
+            if newest is not None:
+                self._move_aliases(c, art_id[0], newest[0], ["latest"])
+            else:
+                Catalog.bump_generation(c)
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def gc(self, dry_run: bool = False, grace_seconds: float = 3600,
+           progress: Progress | None = None) -> GCReport:
+        """Delete blobs no version refers to, and stale temp files, older than the grace period.
+
+        Holds the catalog's write lock while deleting, so a log cannot commit a reference to a
+        blob between the moment gc finds it unreferenced and the moment it goes.
+        """
+        cutoff = time.time() - grace_seconds
+        freed: list[str] = []
+        nbytes = 0
+        ntemp = 0
+        with self.catalog.transaction() as c:
+            referenced = {r[0] for r in c.execute("SELECT DISTINCT blob FROM entries WHERE blob IS NOT NULL")}
+            candidates = [(oid, st) for oid, st in self.blobs.iter_blobs()
+                          if oid not in referenced and st.st_mtime < cutoff]
+            for i, (oid, st) in enumerate(candidates):
+                if not dry_run:
+                    try:
+                        self.blobs.remove(oid)
+                    except FileNotFoundError:
+                        continue
+                freed.append(oid)
+                nbytes += st.st_size
+                if progress:
+                    progress(i + 1, len(candidates))
+            for path, st in self.blobs.iter_temp():
+                if st.st_mtime < cutoff:
+                    if not dry_run:
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            continue
+                    ntemp += 1
+        return GCReport(len(freed), nbytes, ntemp, dry_run, freed)
+
+    def fsck(self, repair: bool = False, progress: Progress | None = None) -> Any:
+        """Check every invariant; with repair, quarantine corrupt blobs. Returns an FsckReport."""
+        from .fsck import Fsck
+        return Fsck(self, progress=progress).run(repair=repair)
+
+    # -- mounts (zero-copy download) ----------------------------------------------------------
+
+    def register_mount(self, mountpoint: str, pid: int, artifact: str | None) -> None:
+        with self.catalog.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at) VALUES (?, ?, ?, ?)",
+                      (os.path.abspath(mountpoint), pid, artifact, time.time()))
+
+    def unregister_mount(self, mountpoint: str) -> None:
+        with self.catalog.transaction() as c:
+            c.execute("DELETE FROM mounts WHERE mountpoint = ?", (os.path.abspath(mountpoint),))
+
+    def live_mount(self) -> str | None:
+        """The mountpoint of a live daemon mounting the whole store, or None (dead ones are cleaned)."""
+        for mp, pid, art in self.catalog.query("SELECT mountpoint, pid, artifact FROM mounts"):
+            if _pid_alive(pid) and os.path.ismount(mp):
+                if art is None:
+                    return str(mp)
+                continue
+            try:
+                self.unregister_mount(mp)
+            except ArtifactFSError:
+                pass  # a read-only store: ignoring the dead row is enough
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _as_entries(rows: Iterable[EntryRow]) -> list[ManifestEntry]:
+    return [ManifestEntry(r.path, r.digest, r.size, r.ref) for r in rows]
+
+
+class ArtifactVersion:
+    """A logged, immutable version of an artifact (the W&B `Artifact` after logging)."""
+
+    def __init__(self, store: Store, row: VersionRow) -> None:
+        self._store = store
+        self._row = row
+        self.id = row.id
+        self.name = row.name
+        self.type = row.type
+        self.index = row.index
+        self.version = f"v{row.index}"
+        self.digest = row.digest
+        self.description = row.description
+        self.metadata = row.metadata
+        self.created_at = row.created_at
+        self.aliases = store.catalog.aliases_of(row.id)
+        self._manifest: Manifest | None = None
+
+    def __repr__(self) -> str:
+        return f"<ArtifactVersion {self.name}:{self.version} aliases={self.aliases}>"
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the entries whose size is known."""
+        return self._row.total_size
+
+    @property
+    def file_count(self) -> int:
+        return self._row.n_entries
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            m = Manifest()
+            for r in self._store.catalog.entries(self.id):
+                extra = dict(r.extra)
+                if r.xxh128:
+                    extra["xxh128"] = r.xxh128
+                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.blob,
+                                                  self._download_entry)
+            self._manifest = m
+        return self._manifest
+
+    def files(self) -> list[ManifestEntry]:
+        """The manifest entries, sorted by path."""
+        return [self.manifest.entries[p] for p in sorted(self.manifest.entries)]
+
+    def get_path(self, name: str) -> ManifestEntry:
+        path = names.check_entry_path(name)
+        e = self.manifest.entries.get(path)
+        if e is None:
+            raise NotFound(f"{self.qualified_name} has no entry {name!r}")
+        return e
+
+    def get(self, name: str) -> Any:
+        """The object stored with `Artifact.add(obj, name)`."""
+        path = name if name.endswith(".json") else name + ".json"
+        e = self.get_path(path)
+        with open(self._readable_path(e), "rb") as f:
+            return json.loads(f.read())
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _mount_path(self) -> str | None:
+        mp = self._store.live_mount()
+        return os.path.join(mp, self.name, self.version) if mp else None
+
+    def _default_root(self) -> str:
+        return os.path.join(os.getcwd(), "artifacts", f"{self.name}:{self.version}")
+
+    def _readable_path(self, e: ManifestEntry) -> str:
+        """A path holding the entry's verified bytes, without copying."""
+        if e.blob is not None:
+            return self._store.blobs.path(e.blob)
+        local = local_path_of(e.ref or "")
+        if local is None:
+            raise ArtifactFSError(f"entry {e.path!r} is a tracked reference ({e.ref}); its bytes are not here")
+        if e.is_checked_content:
+            fp = e.extra.get("fingerprint") or {}
+            try:
+                st = os.stat(local)
+                same = (st.st_ino, st.st_size, st.st_mtime_ns) == (fp.get("ino"), fp.get("size"), fp.get("mtime_ns"))
+            except FileNotFoundError:
+                same = False
+            if not same and (not os.path.exists(local) or hash_file(local)[0] != e.digest):
+                if self._store.blobs.has(e.digest):
+                    return self._store.blobs.path(e.digest)
+                raise DigestMismatch(f"{self.qualified_name}/{e.path}: referenced file {local} changed since it was logged")
+        return local
+
+    def _download_entry(self, e: ManifestEntry, root: str | None) -> str:
+        if root is None:
+            mp = self._mount_path()
+            if mp is not None:
+                return os.path.join(mp, e.path)
+            root = self._default_root()
+        dest = _safe_dest(os.path.abspath(root), e.path)
+        self._write_entry(e, dest)
+        return dest
+
+    def _write_entry(self, e: ManifestEntry, dest: str) -> None:
+        if e.is_tracked:
+            target = local_path_of(e.ref or "") or e.ref or ""
+            _replace_with_symlink(target, dest)
+            return
+        src = self._readable_path(e)
+        _copy_readonly(src, dest, expect=e.digest if e.is_checked_content and e.blob is None else None)
+
+    def download(self, root: str | None = None) -> str:
+        """A directory holding the version's files: the mount's when one is live, else a copy."""
+        if root is None:
+            mp = self._mount_path()
+            if mp is not None:
+                return mp
+            root = self._default_root()
+        root = os.path.abspath(root)
+        os.makedirs(root, exist_ok=True)
+        for e in self.files():
+            self._write_entry(e, _safe_dest(root, e.path))
+        return root
+
+    def checkout(self, root: str) -> str:
+        """Make `root` hold exactly this version's files (extra files are removed)."""
+        root = self.download(os.path.abspath(root))
+        want = set(self.manifest.entries)
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for fn in filenames:
+                full = os.path.join(dirpath, fn)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                if rel not in want:
+                    os.unlink(full)
+            for dn in dirnames:
+                full = os.path.join(dirpath, dn)
+                if os.path.islink(full):
+                    rel = os.path.relpath(full, root).replace(os.sep, "/")
+                    if rel not in want:
+                        os.unlink(full)
+                elif not os.listdir(full):
+                    os.rmdir(full)
+        return root
+
+    def verify(self, root: str | None = None, progress: Progress | None = None) -> None:
+        """Raise DigestMismatch if any file differs from its digest.
+
+        With a root: the files there must be exactly this version's. Without: re-hash the
+        store's blobs of this version and its checksummed references.
+        """
+        bad: list[str] = []
+        files = self.files()
+        if root is not None:
+            root = os.path.abspath(root)
+            want = {e.path for e in files}
+            for dirpath, _dirs, filenames in os.walk(root):
+                for fn in filenames:
+                    rel = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
+                    if rel not in want:
+                        bad.append(f"{rel}: not in {self.qualified_name}")
+        for i, e in enumerate(files):
+            if progress:
+                progress(i, len(files))
+            if e.is_tracked:
+                continue
+            if root is not None:
+                path = os.path.join(root, e.path)
+            elif e.blob is not None:
+                path = self._store.blobs.path(e.blob)
+            elif e.is_checked_content:
+                path = local_path_of(e.ref or "") or ""
+            else:
+                continue
+            if not e.is_checked_content:
+                if not os.path.exists(path):
+                    bad.append(f"{e.path}: missing")
+                continue
+            try:
+                got, _, _ = hash_file(path)
+            except FileNotFoundError:
+                bad.append(f"{e.path}: missing")
+                continue
+            if got != e.digest:
+                bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")
+        if progress:
+            progress(len(files), len(files))
+        if bad:
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise DigestMismatch(f"{self.qualified_name} failed verification: " + "; ".join(bad[:5]) + more)
+
+
+# -- writing files out safely -------------------------------------------------------------------
+
+def _safe_dest(root: str, path: str) -> str:
+    """root/path, with every directory below root made real: a symlink there is replaced,
+    never written through, so a download cannot land outside root."""
+    path = names.check_entry_path(path)
+    parts = path.split("/")
+    cur = root
+    for part in parts[:-1]:
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur)
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            os.unlink(cur)
+            os.mkdir(cur)
+    return os.path.join(cur, parts[-1])
+
+
+def _replace_with_symlink(target: str, dest: str) -> None:
+    tmp = f"{dest}.artifactfs-{os.getpid()}.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, dest)
+
+
+def _copy_readonly(src: str, dest: str, expect: str | None = None) -> None:
+    """Reflink or copy src to dest through a temp file (rename replaces a symlink at dest
+    instead of following it); the result is read-only."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        shutil.rmtree(dest)
+    tmp = f"{dest}.artifactfs-{os.getpid()}.tmp"
+    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.ioctl(fd_out, FICLONE, fd_in)
+            except OSError:
+                copy_fd(fd_in, fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    try:
+        if expect is not None and hash_file(tmp)[0] != expect:
+            raise DigestMismatch(f"{src} changed while it was copied to {dest}")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,126 @@
+"""Shared fixtures of the core (non-FUSE) tests.
+
+Every test gets its own store under tmp_path; ARTIFACTFS_HOME points at a temporary directory
+too, so nothing can touch the user's real store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from artifactfs import Store
+
+# The files of the `data_dir` tree: relative path -> exact bytes.
+DATA_FILES: dict[str, bytes] = {
+    "a.txt": b"alpha\n",
+    "empty.txt": b"",
+    "sub/b.bin": bytes(range(256)) * 16,
+    "sub/deeper/c.txt": b"gamma gamma gamma\n",
+    "same1.txt": b"same content in two files\n",
+    "sub/same2.txt": b"same content in two files\n",
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ARTIFACTFS_HOME (and XDG_DATA_HOME) away from the user's real store, and run in
+    a scratch directory (download() without a root writes below the working directory)."""
+    home = tmp_path / "home-store"
+    monkeypatch.setenv("ARTIFACTFS_HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return home
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_root: Path) -> Store:
+    return Store(root=store_root)
+
+
+@pytest.fixture
+def data_files() -> dict[str, bytes]:
+    return dict(DATA_FILES)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, data_files: dict[str, bytes]) -> Path:
+    """A small tree of files with known bytes (see DATA_FILES)."""
+    return write_tree(tmp_path / "data", data_files)
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Callable[[str, dict[str, bytes]], Path]:
+    """Make a tree `tmp_path/<label>` holding exactly `files`."""
+
+    def make(label: str, files: dict[str, bytes]) -> Path:
+        return write_tree(tmp_path / label, files)
+
+    return make
+
+
+def blob_files(root: str | os.PathLike[str]) -> dict[str, Path]:
+    """Every blob file under `<root>/blobs/xx/<blake3 hex>`: oid -> path."""
+    found: dict[str, Path] = {}
+    blobs = Path(root) / "blobs"
+    if not blobs.is_dir():
+        return found
+    for prefix in blobs.iterdir():
+        if len(prefix.name) != 2 or not prefix.is_dir():
+            continue
+        for f in prefix.iterdir():
+            if len(f.name) == 64 and f.name.startswith(prefix.name):
+                found[f.name] = f
+    return found
+
+
+@pytest.fixture
+def list_blobs() -> Callable[[str | os.PathLike[str]], dict[str, Path]]:
+    return blob_files
+
+
+@pytest.fixture
+def cli(store_root: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m artifactfs --store STORE ARGS...`; `store=None` leaves --store out."""
+
+    def run(*args: str | os.PathLike[str], store: Path | None = store_root,
+            env: dict[str, str] | None = None, check: bool = False,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "artifactfs"]
+        if store is not None:
+            cmd += ["--store", str(store)]
+        cmd += [str(a) for a in args]
+        full_env = dict(os.environ)
+        full_env.pop("COLUMNS", None)
+        full_env["COLUMNS"] = "200"  # wide tables: names and digests are not wrapped
+        if env:
+            full_env.update(env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=120,
+                              cwd=cwd or tmp_path, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    return run

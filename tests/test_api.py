@@ -1,0 +1,679 @@
+"""The public Python API used the way a W&B user works: log, version, alias, dedup, download."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import stat
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+import xxhash
+
+import artifactfs
+from artifactfs import Artifact, Store
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def xxh128_b64(data: bytes) -> str:
+    return base64.b64encode(xxhash.xxh3_128(data).digest()).decode("ascii")
+
+
+def log_bytes(store: Store, name: str, files: dict[str, bytes], *, aliases=(), type="dataset"):
+    """Log a version whose entries are exactly `files`, written with new_file."""
+    art = Artifact(name, type=type)
+    for path, data in files.items():
+        with art.new_file(path, mode="wb") as f:
+            f.write(data)
+    return store.log_artifact(art, aliases=aliases)
+
+
+def tree_bytes(root: str | os.PathLike[str]) -> dict[str, bytes]:
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# -- versions ------------------------------------------------------------------------------
+
+
+def test_first_log_is_v0(store: Store, data_dir: Path) -> None:
+    art = Artifact("mnist", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    assert (v.name, v.version, v.index, v.type) == ("mnist", "v0", 0, "dataset")
+
+
+def test_versions_are_numbered_consecutively(store: Store) -> None:
+    got = [log_bytes(store, "ds", {"f": b"%d" % i}).version for i in range(3)]
+    assert got == ["v0", "v1", "v2"]
+
+
+def test_version_numbers_are_not_reused_after_delete(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    store.delete("ds:v1")
+    v = log_bytes(store, "ds", {"f": b"2"})
+    assert v.version == "v2"
+    assert [x.index for x in store.versions("ds")] == [0, 2]
+
+
+def test_version_numbers_are_not_reused_after_deleting_every_version(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    store.delete("ds:v0")
+    assert log_bytes(store, "ds", {"f": b"1"}).version == "v1"
+
+
+def test_deleted_version_is_gone(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    store.delete("ds:v0")
+    with pytest.raises(KeyError):
+        store.artifact("ds:v0")
+
+
+def test_latest_is_set_automatically(store: Store) -> None:
+    v = log_bytes(store, "ds", {"f": b"0"})
+    assert "latest" in v.aliases
+    assert store.artifact("ds:latest").index == 0
+
+
+def test_latest_moves_to_the_newest_version(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    assert store.artifact("ds:latest").version == "v1"
+    assert "latest" not in store.artifact("ds:v0").aliases
+
+
+def test_bare_name_means_latest(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    assert store.artifact("ds").version == "v1"
+
+
+def test_aliases_given_to_log_artifact(store: Store) -> None:
+    v = log_bytes(store, "ds", {"f": b"0"}, aliases=["best", "prod"])
+    assert {"best", "prod", "latest"} <= set(v.aliases)
+    assert store.artifact("ds:best").index == 0
+    assert store.artifact("ds:prod").index == 0
+
+
+def test_alias_given_to_log_artifact_moves_from_older_version(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"}, aliases=["best"])
+    log_bytes(store, "ds", {"f": b"1"}, aliases=["best"])
+    assert store.artifact("ds:best").version == "v1"
+    assert "best" not in store.artifact("ds:v0").aliases
+
+
+def test_set_alias_names_a_version(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    store.set_alias("ds:v0", "best")
+    assert store.artifact("ds:best").version == "v0"
+    assert "best" in store.artifact("ds:v0").aliases
+
+
+def test_set_alias_moves_an_existing_alias(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"}, aliases=["best"])
+    log_bytes(store, "ds", {"f": b"1"})
+    store.set_alias("ds:v1", "best")
+    assert store.artifact("ds:best").version == "v1"
+    assert "best" not in store.artifact("ds:v0").aliases
+
+
+def test_remove_alias(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"}, aliases=["best"])
+    store.remove_alias("ds", "best")
+    with pytest.raises(KeyError):
+        store.artifact("ds:best")
+    assert "best" not in store.artifact("ds:v0").aliases
+
+
+def test_alias_is_per_artifact(store: Store) -> None:
+    log_bytes(store, "a", {"f": b"a"}, aliases=["best"])
+    log_bytes(store, "b", {"f": b"b"}, aliases=["best"])
+    assert store.artifact("a:best").name == "a"
+    assert store.artifact("b:best").name == "b"
+
+
+def test_logging_manifest_identical_to_latest_returns_latest(store: Store) -> None:
+    v0 = log_bytes(store, "ds", {"f": b"same"})
+    again = log_bytes(store, "ds", {"f": b"same"})
+    assert again.version == v0.version == "v0"
+    assert again.digest == v0.digest
+    assert [v.version for v in store.versions("ds")] == ["v0"]
+
+
+def test_logging_manifest_identical_to_latest_adds_the_new_aliases(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"same"}, aliases=["first"])
+    again = log_bytes(store, "ds", {"f": b"same"}, aliases=["second"])
+    assert {"first", "second", "latest"} <= set(again.aliases)
+    assert store.artifact("ds:second").version == "v0"
+    assert {"first", "second", "latest"} <= set(store.artifact("ds:v0").aliases)
+
+
+def test_different_content_gives_a_different_version_digest(store: Store) -> None:
+    v0 = log_bytes(store, "ds", {"f": b"0"})
+    v1 = log_bytes(store, "ds", {"f": b"1"})
+    assert v0.digest != v1.digest
+
+
+def test_version_digest_depends_only_on_the_manifest(tmp_path: Path) -> None:
+    s1 = Store(root=tmp_path / "s1")
+    s2 = Store(root=tmp_path / "s2")
+    a = log_bytes(s1, "x", {"p/q": b"data", "r": b"more"})
+    b = log_bytes(s2, "y", {"r": b"more", "p/q": b"data"}, type="model")
+    assert a.digest == b.digest
+    assert len(a.digest) == 64 and int(a.digest, 16) >= 0
+
+
+# -- dedup and blobs -----------------------------------------------------------------------
+
+
+def test_blob_is_named_by_blake3_of_content(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"f": b"hello blobs"})
+    oid = b3(b"hello blobs")
+    assert (Path(store.root) / "blobs" / oid[:2] / oid).read_bytes() == b"hello blobs"
+
+
+def test_identical_files_in_one_version_share_one_blob(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"one": b"dup", "two/three": b"dup", "four": b"other"})
+    assert set(list_blobs(store.root)) == {b3(b"dup"), b3(b"other")}
+
+
+def test_identical_files_in_two_versions_share_one_blob(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"keep": b"kept", "a": b"first"})
+    log_bytes(store, "ds", {"keep": b"kept", "a": b"second"})
+    log_bytes(store, "other", {"elsewhere": b"kept"})
+    assert set(list_blobs(store.root)) == {b3(b"kept"), b3(b"first"), b3(b"second")}
+
+
+def test_add_dir_dedups_identical_files(store: Store, data_dir: Path, data_files, list_blobs) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    assert set(list_blobs(store.root)) == {b3(d) for d in data_files.values()}
+
+
+def test_blob_files_are_read_only(store: Store, data_dir: Path, list_blobs) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    blobs = list_blobs(store.root)
+    assert blobs
+    for path in blobs.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path
+
+
+def test_blob_is_a_copy_not_a_hard_link_to_the_source(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_file(data_dir / "a.txt")
+    store.log_artifact(art)
+    assert (data_dir / "a.txt").stat().st_nlink == 1
+    (data_dir / "a.txt").write_bytes(b"changed in place\n")
+    assert Path(store.artifact("ds").get_path("a.txt").download()).read_bytes() == b"alpha\n"
+
+
+# -- adding files --------------------------------------------------------------------------
+
+
+def test_add_file_names_entry_by_base_name(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_file(str(data_dir / "sub" / "b.bin"))
+    v = store.log_artifact(art)
+    assert list(v.manifest.entries) == ["b.bin"]
+
+
+def test_add_file_with_name(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_file(data_dir / "a.txt", name="deep/er/renamed.txt")
+    v = store.log_artifact(art)
+    assert list(v.manifest.entries) == ["deep/er/renamed.txt"]
+    assert Path(v.get_path("deep/er/renamed.txt").download()).read_bytes() == b"alpha\n"
+
+
+def test_add_dir_without_name_puts_files_at_the_root(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(str(data_dir))
+    v = store.log_artifact(art)
+    assert set(v.manifest.entries) == set(data_files)
+
+
+def test_add_dir_with_name_prefixes_every_entry(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(str(data_dir) + "/", name="images")
+    v = store.log_artifact(art)
+    assert set(v.manifest.entries) == {f"images/{p}" for p in data_files}
+
+
+def test_add_dir_records_sizes(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    assert {p: e.size for p, e in v.manifest.entries.items()} == {
+        p: len(d) for p, d in data_files.items()}
+
+
+def test_new_file_is_text_mode_by_default(store: Store) -> None:
+    art = Artifact("ds", type="dataset")
+    with art.new_file("labels.txt") as f:
+        f.write("0,1,2\n")
+    v = store.log_artifact(art)
+    assert Path(v.get_path("labels.txt").download()).read_bytes() == b"0,1,2\n"
+
+
+def test_new_file_in_binary_mode(store: Store) -> None:
+    art = Artifact("ds", type="dataset")
+    with art.new_file("sub/blob.bin", mode="wb") as f:
+        f.write(b"\x00\xffbinary")
+    v = store.log_artifact(art)
+    assert Path(v.get_path("sub/blob.bin").download()).read_bytes() == b"\x00\xffbinary"
+
+
+def test_add_object_becomes_a_json_entry(store: Store) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add({"classes": 10, "labels": ["a", "b"]}, "config")
+    v = store.log_artifact(art)
+    assert list(v.manifest.entries) == ["config.json"]
+
+
+def test_get_returns_the_added_object(store: Store) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add({"classes": 10, "labels": ["a", "b"]}, "config")
+    store.log_artifact(art)
+    assert store.artifact("ds:v0").get("config") == {"classes": 10, "labels": ["a", "b"]}
+
+
+def test_get_added_local_path_name_of_a_relative_path(data_dir: Path, monkeypatch) -> None:
+    monkeypatch.chdir(data_dir)
+    art = Artifact("ds", type="dataset")
+    art.add_file("a.txt")
+    assert art.get_added_local_path_name("a.txt") == "a.txt"
+
+
+def test_get_added_local_path_name_normalises_dot_slash(data_dir: Path, monkeypatch) -> None:
+    monkeypatch.chdir(data_dir)
+    art = Artifact("ds", type="dataset")
+    art.add_file("a.txt", name="renamed.txt")
+    assert art.get_added_local_path_name("./a.txt") == "renamed.txt"
+
+
+def test_get_added_local_path_name_normalises_absolute_path(data_dir: Path, monkeypatch) -> None:
+    monkeypatch.chdir(data_dir)
+    art = Artifact("ds", type="dataset")
+    art.add_file("./sub/b.bin")
+    assert art.get_added_local_path_name(str(data_dir / "sub" / "b.bin")) == "b.bin"
+
+
+def test_get_added_local_path_name_of_a_file_added_by_add_dir(data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir, name="d")
+    assert art.get_added_local_path_name(str(data_dir / "sub" / "b.bin")) == "d/sub/b.bin"
+
+
+def test_get_added_local_path_name_is_none_when_not_added(data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_file(data_dir / "a.txt")
+    assert art.get_added_local_path_name(str(data_dir / "sub" / "b.bin")) is None
+    assert art.get_added_local_path_name("never-added.txt") is None
+
+
+def test_draft_manifest_lists_added_entries(data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_file(data_dir / "a.txt")
+    art.add_file(data_dir / "sub" / "b.bin", name="x/b.bin")
+    assert set(art.manifest.entries) == {"a.txt", "x/b.bin"}
+
+
+# -- attributes ----------------------------------------------------------------------------
+
+
+def test_version_attributes(store: Store) -> None:
+    before = time.time()
+    art = Artifact("mnist", type="dataset", description="hand-written digits",
+                   metadata={"source": "lecun", "n": 3})
+    with art.new_file("f.txt") as f:
+        f.write("x")
+    v = store.log_artifact(art)
+    after = time.time()
+    assert v.name == "mnist"
+    assert v.type == "dataset"
+    assert v.version == "v0"
+    assert v.index == 0
+    assert v.description == "hand-written digits"
+    assert v.metadata == {"source": "lecun", "n": 3}
+    created = v.created_at
+    if isinstance(created, datetime.datetime):
+        created = created.timestamp()
+    assert before - 1 <= created <= after + 1
+
+
+def test_attributes_survive_reading_back(store: Store) -> None:
+    art = Artifact("mnist", type="model", description="d", metadata={"k": [1, 2]})
+    with art.new_file("f.txt") as f:
+        f.write("x")
+    logged = store.log_artifact(art, aliases=["best"])
+    v = store.artifact("mnist:best")
+    assert (v.name, v.type, v.version, v.index, v.digest) == (
+        "mnist", "model", "v0", 0, logged.digest)
+    assert v.description == "d"
+    assert v.metadata == {"k": [1, 2]}
+    assert v.created_at == logged.created_at
+    assert set(v.aliases) == {"best", "latest"}
+
+
+# -- manifest ------------------------------------------------------------------------------
+
+
+def test_manifest_entries_map_path_to_manifest_entry(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    entries = v.manifest.entries
+    assert isinstance(entries, dict)
+    for path, data in data_files.items():
+        e = entries[path]
+        assert e.path == path
+        assert e.digest == b3(data)
+        assert e.size == len(data)
+        assert e.ref is None
+        assert isinstance(e.extra, dict)
+
+
+def test_manifest_json_has_wandb_v1_layout(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    m = store.log_artifact(art).manifest.to_manifest_json()
+    assert m["version"] == 1
+    assert "storagePolicy" in m
+    assert set(m["contents"]) == set(data_files)
+    for path, data in data_files.items():
+        c = m["contents"][path]
+        assert c["digest"] == xxh128_b64(data)
+        assert c["size"] == len(data)
+        assert c["extra"]["alg"] == "XXH128"
+        assert c["extra"]["blake3"] == b3(data)
+        assert "ref" not in c or c["ref"] is None
+
+
+def test_manifest_json_is_json_serialisable(store: Store, data_dir: Path) -> None:
+    import json
+
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    m = store.log_artifact(art).manifest.to_manifest_json()
+    assert json.loads(json.dumps(m)) == m
+
+
+# -- reading back --------------------------------------------------------------------------
+
+
+def test_get_path_download_returns_the_logged_bytes(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    v = store.artifact("ds:v0")
+    for path, data in data_files.items():
+        assert Path(v.get_path(path).download()).read_bytes() == data
+
+
+def test_get_path_download_into_root(store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    got = Path(v.get_path("sub/b.bin").download(root=str(tmp_path / "out")))
+    assert got.read_bytes() == (data_dir / "sub" / "b.bin").read_bytes()
+    assert (tmp_path / "out") in got.resolve().parents
+
+
+def test_download_writes_every_file_with_the_logged_bytes(
+        store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = v.download(root=str(tmp_path / "out"))
+    assert tree_bytes(out) == data_files
+
+
+def test_download_without_root_returns_a_directory_with_the_files(
+        store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    assert tree_bytes(v.download()) == data_files
+
+
+def test_downloaded_files_are_read_only(store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = Path(v.download(root=str(tmp_path / "out")))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o222 == 0, p
+
+
+def test_downloaded_files_are_not_hard_links_to_blobs(
+        store: Store, data_dir: Path, tmp_path: Path, list_blobs) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = Path(v.download(root=str(tmp_path / "out")))
+    blob_inodes = {(p.stat().st_dev, p.stat().st_ino) for p in list_blobs(store.root).values()}
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert (p.stat().st_dev, p.stat().st_ino) not in blob_inodes, p
+
+
+def test_checkout_makes_root_hold_exactly_the_version(
+        store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    root = tmp_path / "work"
+    (root / "sub").mkdir(parents=True)
+    (root / "extra.txt").write_bytes(b"not in the version")
+    (root / "sub" / "stray.bin").write_bytes(b"nor this")
+    (root / "a.txt").write_bytes(b"stale bytes\n")
+    v.checkout(str(root))
+    assert tree_bytes(root) == data_files
+
+
+def test_verify_passes_on_a_sound_version(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    v.verify()
+
+
+def test_verify_of_an_unchanged_download_passes(store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = v.download(root=str(tmp_path / "out"))
+    v.verify(out)
+
+
+def test_verify_of_a_changed_download_raises_digest_mismatch(
+        store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = Path(v.download(root=str(tmp_path / "out")))
+    target = out / "sub" / "deeper" / "c.txt"
+    target.chmod(0o644)
+    target.write_bytes(b"gamma gamma GAMMA\n")
+    with pytest.raises(artifactfs.DigestMismatch):
+        v.verify(str(out))
+
+
+def test_verify_detects_a_corrupt_blob(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    oid = b3(b"alpha\n")
+    blob = Path(store.root) / "blobs" / oid[:2] / oid
+    blob.chmod(0o644)
+    blob.write_bytes(b"alpha!\n")
+    with pytest.raises(artifactfs.DigestMismatch):
+        v.verify()
+
+
+def test_digest_mismatch_is_an_artifactfs_error() -> None:
+    assert issubclass(artifactfs.DigestMismatch, artifactfs.ArtifactFSError)
+
+
+# -- listing -------------------------------------------------------------------------------
+
+
+def test_artifacts_lists_every_artifact_name(store: Store) -> None:
+    assert list(store.artifacts()) == []
+    log_bytes(store, "mnist", {"f": b"1"})
+    log_bytes(store, "cifar", {"f": b"2"})
+    log_bytes(store, "mnist", {"f": b"3"})
+    assert sorted(store.artifacts()) == ["cifar", "mnist"]
+
+
+def test_versions_are_listed_oldest_first(store: Store) -> None:
+    for i in range(4):
+        log_bytes(store, "ds", {"f": b"%d" % i})
+    vs = store.versions("ds")
+    assert [v.version for v in vs] == ["v0", "v1", "v2", "v3"]
+    assert [Path(v.get_path("f").download()).read_bytes() for v in vs] == [b"0", b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("spec, index", [
+    ("ds", 1), ("ds:v0", 0), ("ds:v1", 1), ("ds:latest", 1), ("ds:best", 0),
+])
+def test_artifact_spec_forms(store: Store, spec: str, index: int) -> None:
+    log_bytes(store, "ds", {"f": b"0"}, aliases=["best"])
+    log_bytes(store, "ds", {"f": b"1"})
+    v = store.artifact(spec)
+    assert (v.name, v.index) == ("ds", index)
+
+
+def test_store_root_is_where_the_data_lives(store_root: Path) -> None:
+    s = Store(root=store_root)
+    assert Path(s.root) == store_root
+    log_bytes(s, "ds", {"f": b"x"})
+    assert (store_root / "catalog.db").exists()
+    assert (store_root / "blobs").is_dir()
+
+
+def test_store_without_root_uses_artifactfs_home(_isolated_home: Path) -> None:
+    s = Store()
+    assert Path(s.root) == _isolated_home
+
+
+def test_second_store_object_sees_logged_versions(store_root: Path) -> None:
+    log_bytes(Store(root=store_root), "ds", {"f": b"x"})
+    assert Store(root=store_root).artifact("ds:v0").get_path("f").size == 1
+
+
+# -- gc ------------------------------------------------------------------------------------
+
+
+def test_delete_then_gc_frees_blobs_no_version_uses(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"shared": b"shared", "only0": b"only in v0"})
+    log_bytes(store, "ds", {"shared": b"shared", "only1": b"only in v1"})
+    store.delete("ds:v0")
+    assert b3(b"only in v0") in list_blobs(store.root)  # blobs go at the next gc, not before
+    store.gc(grace_seconds=0)
+    assert set(list_blobs(store.root)) == {b3(b"shared"), b3(b"only in v1")}
+
+
+def test_gc_keeps_every_blob_of_live_versions(store: Store, data_dir: Path, list_blobs) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    before = set(list_blobs(store.root))
+    store.gc(grace_seconds=0)
+    assert set(list_blobs(store.root)) == before
+    v.verify()
+
+
+def test_gc_dry_run_deletes_nothing(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"a": b"first"})
+    log_bytes(store, "ds", {"a": b"second"})
+    store.delete("ds:v0")
+    before = set(list_blobs(store.root))
+    store.gc(dry_run=True, grace_seconds=0)
+    assert set(list_blobs(store.root)) == before
+    store.gc(grace_seconds=0)
+    assert set(list_blobs(store.root)) == {b3(b"second")}
+
+
+# -- fsck ----------------------------------------------------------------------------------
+
+
+def test_fsck_reports_no_damage_on_a_sound_store(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    report = store.fsck()
+    assert not report.missing
+    assert not report.corrupt
+    assert report.ok
+
+
+def test_fsck_does_not_count_unreferenced_blobs_as_damage(store: Store) -> None:
+    log_bytes(store, "ds", {"a": b"first"})
+    log_bytes(store, "ds", {"a": b"second"})
+    store.delete("ds:v0")
+    report = store.fsck()
+    assert report.ok
+    assert not report.missing and not report.corrupt
+
+
+def test_fsck_reports_a_missing_blob_and_the_version_using_it(store: Store) -> None:
+    log_bytes(store, "ds", {"a": b"kept", "b": b"to be lost"})
+    oid = b3(b"to be lost")
+    (Path(store.root) / "blobs" / oid[:2] / oid).unlink()
+    report = store.fsck()
+    assert not report.ok
+    assert report.missing[oid] == ["ds:v0"]
+    assert not report.corrupt
+
+
+def test_fsck_reports_a_corrupt_blob(store: Store) -> None:
+    log_bytes(store, "ds", {"a": b"kept", "b": b"to be corrupted"})
+    oid = b3(b"to be corrupted")
+    blob = Path(store.root) / "blobs" / oid[:2] / oid
+    blob.chmod(0o644)
+    blob.write_bytes(b"to be CORRUPTED")
+    report = store.fsck()
+    assert not report.ok
+    assert report.corrupt[oid] == ["ds:v0"]
+    assert not report.missing
+
+
+def test_fsck_repair_quarantines_a_corrupt_blob(store: Store) -> None:
+    log_bytes(store, "ds", {"a": b"kept", "b": b"to be corrupted"})
+    oid = b3(b"to be corrupted")
+    blob = Path(store.root) / "blobs" / oid[:2] / oid
+    blob.chmod(0o644)
+    blob.write_bytes(b"to be CORRUPTED")
+    store.fsck(repair=True)
+    assert not blob.exists()
+    kept = [p for p in Path(store.root).rglob(oid) if p != blob]
+    assert [p.read_bytes() for p in kept] == [b"to be CORRUPTED"]  # evidence kept aside
+    after = store.fsck()
+    assert oid in after.missing and oid not in after.corrupt
+
+
+def test_relogging_content_restores_a_quarantined_blob(store: Store) -> None:
+    log_bytes(store, "ds", {"b": b"to be corrupted"})
+    oid = b3(b"to be corrupted")
+    blob = Path(store.root) / "blobs" / oid[:2] / oid
+    blob.chmod(0o644)
+    blob.write_bytes(b"garbage")
+    store.fsck(repair=True)
+    log_bytes(store, "other", {"b": b"to be corrupted"})
+    assert blob.read_bytes() == b"to be corrupted"
+    assert store.fsck().ok
