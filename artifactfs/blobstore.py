@@ -118,7 +118,6 @@ class BlobStore:
         if os.path.exists(dest):
             os.unlink(tmp)
             return False
-        os.chmod(tmp, 0o444)
         try:
             os.replace(tmp, dest)
         except FileNotFoundError:
@@ -133,7 +132,7 @@ class BlobStore:
             return PutResult(oid, xxh, len(data), False)
         tmp = self._tmp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
                 view = memoryview(data)
                 while view:
@@ -152,23 +151,27 @@ class BlobStore:
 
         With `expect`, raise DigestMismatch if the content is not that digest.
         """
-        fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd_in)
-            if st.st_size <= SMALL_FILE:
-                data = _read_all(fd_in, st.st_size)
-                res = self.put_bytes(data)
-            else:
-                res = self._put_large(fd_in)
-        finally:
-            os.close(fd_in)
+        res, _, _ = self.put_file_stat(src)
         if expect is not None and res.oid != expect:
             raise DigestMismatch(f"{src}: content is {res.oid}, expected {expect}")
         return res
 
+    def put_file_stat(self, src: str) -> tuple[PutResult, os.stat_result, os.stat_result]:
+        """put_file, plus the source's fstat before and after reading it (a change check)."""
+        fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            before = os.fstat(fd_in)
+            if before.st_size <= SMALL_FILE:
+                res = self.put_bytes(_read_all(fd_in, before.st_size))
+            else:
+                res = self._put_large(fd_in)
+            return res, before, os.fstat(fd_in)
+        finally:
+            os.close(fd_in)
+
     def _put_large(self, fd_in: int) -> PutResult:
         tmp = self._tmp_name()
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
             try:
                 # A reflink shares extents: no bytes move, and our copy cannot change under us.

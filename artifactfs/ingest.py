@@ -73,13 +73,14 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
     def work(i: int) -> Hashed:
         j = jobs[i]
         for _attempt in range(3):
-            before = stat_key(os.stat(j.src))
             if j.store:
-                r = blobs.put_file(j.src)
+                r, st0, st1 = blobs.put_file_stat(j.src)
                 d, x, size = r.oid, r.xxh128, r.size
+                before, after = stat_key(st0), stat_key(st1)
             else:
+                before = stat_key(os.stat(j.src))
                 d, x, size = hash_file(j.src)
-            after = stat_key(os.stat(j.src))
+                after = stat_key(os.stat(j.src))
             if before == after and size == after[2]:
                 return Hashed(d, x, size, after, False)
         raise FileChanged(f"{j.src} kept changing while it was being logged; nothing was logged")

@@ -21,6 +21,11 @@ def b3(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def entry_bytes(v, path: str) -> bytes:
+    """The bytes of entry `path`, read from a download of the whole version."""
+    return (Path(v.download(root=f"dl/{v.name}/{v.version}")) / path).read_bytes()
+
+
 def xxh128_b64(data: bytes) -> str:
     return base64.b64encode(xxhash.xxh3_128(data).digest()).decode("ascii")
 
@@ -216,7 +221,7 @@ def test_blob_is_a_copy_not_a_hard_link_to_the_source(store: Store, data_dir: Pa
     store.log_artifact(art)
     assert (data_dir / "a.txt").stat().st_nlink == 1
     (data_dir / "a.txt").write_bytes(b"changed in place\n")
-    assert Path(store.artifact("ds").get_path("a.txt").download()).read_bytes() == b"alpha\n"
+    assert entry_bytes(store.artifact("ds"), "a.txt") == b"alpha\n"
 
 
 # -- adding files --------------------------------------------------------------------------
@@ -234,7 +239,7 @@ def test_add_file_with_name(store: Store, data_dir: Path) -> None:
     art.add_file(data_dir / "a.txt", name="deep/er/renamed.txt")
     v = store.log_artifact(art)
     assert list(v.manifest.entries) == ["deep/er/renamed.txt"]
-    assert Path(v.get_path("deep/er/renamed.txt").download()).read_bytes() == b"alpha\n"
+    assert entry_bytes(v, "deep/er/renamed.txt") == b"alpha\n"
 
 
 def test_add_dir_without_name_puts_files_at_the_root(store: Store, data_dir: Path, data_files) -> None:
@@ -264,7 +269,7 @@ def test_new_file_is_text_mode_by_default(store: Store) -> None:
     with art.new_file("labels.txt") as f:
         f.write("0,1,2\n")
     v = store.log_artifact(art)
-    assert Path(v.get_path("labels.txt").download()).read_bytes() == b"0,1,2\n"
+    assert entry_bytes(v, "labels.txt") == b"0,1,2\n"
 
 
 def test_new_file_in_binary_mode(store: Store) -> None:
@@ -272,7 +277,7 @@ def test_new_file_in_binary_mode(store: Store) -> None:
     with art.new_file("sub/blob.bin", mode="wb") as f:
         f.write(b"\x00\xffbinary")
     v = store.log_artifact(art)
-    assert Path(v.get_path("sub/blob.bin").download()).read_bytes() == b"\x00\xffbinary"
+    assert entry_bytes(v, "sub/blob.bin") == b"\x00\xffbinary"
 
 
 def test_add_object_becomes_a_json_entry(store: Store) -> None:
@@ -545,7 +550,7 @@ def test_versions_are_listed_oldest_first(store: Store) -> None:
         log_bytes(store, "ds", {"f": b"%d" % i})
     vs = store.versions("ds")
     assert [v.version for v in vs] == ["v0", "v1", "v2", "v3"]
-    assert [Path(v.get_path("f").download()).read_bytes() for v in vs] == [b"0", b"1", b"2", b"3"]
+    assert [entry_bytes(v, "f") for v in vs] == [b"0", b"1", b"2", b"3"]
 
 
 @pytest.mark.parametrize("spec, index", [
