@@ -542,6 +542,7 @@ def _safe_dest(root: str, path: str) -> str:
     never written through, so a download cannot land outside root."""
     path = names.check_entry_path(path)
     parts = path.split("/")
+    os.makedirs(root, exist_ok=True)
     cur = root
     for part in parts[:-1]:
         cur = os.path.join(cur, part)

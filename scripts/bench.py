@@ -180,11 +180,153 @@ def ingest_large(tmp: str, runs: int, size: int) -> list[Row]:
     return [base, cp, log, log_vs_hash, again]
 
 
+class Mount:
+    """`artifactfs mount` through the installed command; always unmounted, also on Ctrl-C."""
+
+    def __init__(self, store_root: str, mountpoint: str) -> None:
+        self.store_root, self.mountpoint = store_root, mountpoint
+
+    def __enter__(self) -> str:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "artifactfs", "--store", self.store_root, "mount", self.mountpoint],
+                       check=True)
+        return self.mountpoint
+
+    def __exit__(self, *exc: object) -> None:
+        r = subprocess.run([sys.executable, "-m", "artifactfs", "umount", self.mountpoint])
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint])
+
+
+def read_file(path: str, bufsize: int = 1 << 20) -> int:
+    buf = bytearray(bufsize)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                return n
+            n += k
+
+
+def read_files(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            f.read()
+
+
+def find_stat(root: str) -> int:
+    # find(1) with -printf forces an lstat of every entry, as `ls -lR` does.
+    out = subprocess.run(["find", root, "-printf", "%s %m\n"], check=True, capture_output=True).stdout
+    return out.count(b"\n")
+
+
+def read_large(tmp: str, runs: int, size: int) -> list[Row]:
+    path = os.path.join(tmp, "large.bin")
+    if not os.path.exists(path):
+        make_large(path, size)
+    store_root = os.path.join(tmp, "store-read-large")
+    store = Store(store_root)
+    a = Artifact("large", "model")
+    a.add_file(path)
+    v = store.log_artifact(a)
+    blob = store.blobs.path(v.get_path("large.bin").blob or "")
+    mb = size / 1e6
+    rows = []
+    with Mount(store_root, os.path.join(tmp, "mnt")) as mnt:
+        via = os.path.join(mnt, "large", "v0", "large.bin")
+        can_drop = drop_caches()
+        if can_drop:
+            cold_n = Row("read-large", "native read, cold", "MB/s")
+            cold_m = Row("read-large", "through the mount, cold", "MB/s", baseline=cold_n.contender)
+            for _ in range(runs):
+                drop_caches()
+                cold_n.values.append(mb / timed(lambda: read_file(blob)))
+                drop_caches()
+                cold_m.values.append(mb / timed(lambda: read_file(via)))
+            rows += [cold_n, cold_m]
+        else:
+            print("read-large: cannot drop caches (not root?): cold reads skipped", file=sys.stderr)
+        warm_n = Row("read-large", "native read, warm", "MB/s")
+        warm_m = Row("read-large", "through the mount, warm", "MB/s", baseline=warm_n.contender)
+        read_file(blob)
+        read_file(via)
+        for _ in range(runs):
+            warm_n.values.append(mb / timed(lambda: read_file(blob)))
+            warm_m.values.append(mb / timed(lambda: read_file(via)))
+        rows += [warm_n, warm_m]
+    store.close()
+    shutil.rmtree(store_root)
+    return rows
+
+
+def read_small(tmp: str, runs: int, n_files: int) -> list[Row]:
+    src = os.path.join(tmp, "tree")
+    if not os.path.exists(src):
+        make_tree(src, n_files)
+    store_root = os.path.join(tmp, "store-read-small")
+    store = Store(store_root)
+    a = Artifact("tree", "dataset")
+    a.add_dir(src)
+    v = store.log_artifact(a)
+    blobs = [store.blobs.path(e.blob or "") for e in v.files()]
+    nat = Row("read-small", "native: open, read, close each", "files/s")
+    via = Row("read-small", "through the mount, one process", "files/s", baseline=nat.contender)
+    with Mount(store_root, os.path.join(tmp, "mnt")) as mnt:
+        mpaths = [os.path.join(mnt, "tree", "v0", e.path) for e in v.files()]
+        read_files(blobs)
+        read_files(mpaths)
+        for _ in range(runs):
+            nat.values.append(len(blobs) / timed(lambda: read_files(blobs)))
+            via.values.append(len(mpaths) / timed(lambda: read_files(mpaths)))
+    store.close()
+    shutil.rmtree(store_root)
+    return [nat, via]
+
+
+def metadata(tmp: str, runs: int, n_entries: int) -> list[Row]:
+    """find + stat over n entries, first pass (nothing cached) and second pass."""
+    src = os.path.join(tmp, "meta")
+    for i in range(n_entries):
+        d = os.path.join(src, f"d{i // 1000:03d}")
+        if i % 1000 == 0:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"e{i:07d}"), "wb") as f:
+            f.write(b"x")
+    # Entries by reference (no checksum): the tree is the catalog's, no blob per entry needed.
+    store_root = os.path.join(tmp, "store-meta")
+    store = Store(store_root)
+    a = Artifact("meta", "dataset")
+    a.add_reference("file://" + src, checksum=False)
+    store.log_artifact(a)
+    store.close()
+    rows = []
+    first_n = Row("metadata", "native find+stat, first pass", "entries/s")
+    first_m = Row("metadata", "through the mount, first pass", "entries/s", baseline=first_n.contender)
+    second_n = Row("metadata", "native find+stat, second pass", "entries/s")
+    second_m = Row("metadata", "through the mount, second pass", "entries/s", baseline=second_n.contender)
+    for _ in range(runs):
+        drop_caches()
+        first_n.values.append(n_entries / timed(lambda: find_stat(src)))
+        second_n.values.append(n_entries / timed(lambda: find_stat(src)))
+        # A fresh mount each run: nothing cached in the kernel or the daemon.
+        with Mount(store_root, os.path.join(tmp, "mnt")) as mnt:
+            root = os.path.join(mnt, "meta", "v0")
+            first_m.values.append(n_entries / timed(lambda: find_stat(root)))
+            second_m.values.append(n_entries / timed(lambda: find_stat(root)))
+    rows += [first_n, first_m, second_n, second_m]
+    shutil.rmtree(store_root)
+    return rows
+
+
 WORKLOADS = {
     "ingest-tree": ingest_tree,
     "ingest-large": ingest_large,
+    "read-large": read_large,
+    "read-small": read_small,
+    "metadata": metadata,
 }
-ALIASES = {"ingest": ["ingest-tree", "ingest-large"]}
+ALIASES = {"ingest": ["ingest-tree", "ingest-large"], "read": ["read-large", "read-small", "metadata"]}
 
 
 def ratio(rows: list[Row], row: Row) -> float | None:
@@ -216,16 +358,18 @@ def main() -> int:
             p.error(f"unknown workload {w!r}")
     runs = a.runs or 3
     n_files = 2_000 if a.quick else 20_000
-    large = (256 << 20) if a.quick else (2 << 30)
+    large = (512 << 20) if a.quick else (2 << 30)
     rows: list[Row] = []
     tmp = tempfile.mkdtemp(prefix="artifactfs-bench-", dir=a.tmp)
     try:
         for w in chosen:
             print(f"running {w} ...", file=sys.stderr, flush=True)
-            if w == "ingest-tree":
-                rows += ingest_tree(tmp, runs, n_files)
-            elif w == "ingest-large":
-                rows += ingest_large(tmp, runs, large)
+            if w in ("ingest-tree", "read-small"):
+                rows += WORKLOADS[w](tmp, runs, n_files)
+            elif w in ("ingest-large", "read-large"):
+                rows += WORKLOADS[w](tmp, runs, large)
+            elif w == "metadata":
+                rows += metadata(tmp, runs, 10_000 if a.quick else 100_000)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{'workload':<14} {'contender':<38} {'median':>10} {'min':>10} {'max':>10}  {'unit':<8} ratio")
