@@ -21,7 +21,7 @@ from . import names
 from .blobstore import hash_file
 from .errors import ArtifactFSError, InvalidName
 from .manifest import Manifest, ManifestEntry
-from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
+from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference, walk_files
 
 __all__ = ["Artifact"]
 
@@ -101,7 +101,7 @@ class Artifact:
         if name is not None:
             names.check_entry_path(name)
         found: list[tuple[str, str]] = []
-        for src, rel in _walk_files(root):
+        for src, rel, _size in walk_files(root):
             try:
                 found.append((names.join_entry(name, rel), src))
             except InvalidName as e:
@@ -220,23 +220,3 @@ class _NewFile:
 
     def close(self) -> None:
         self.__exit__(None, None, None)
-
-
-def _walk_files(root: str) -> Iterator[tuple[str, str]]:
-    """(absolute path, relative POSIX path) of each regular file below root, sorted."""
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        d = os.path.join(root, rel_dir) if rel_dir else root
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except PermissionError as e:
-            raise ArtifactFSError(f"cannot read directory {d}: {e.strerror}") from None
-        subdirs = []
-        for e in entries:
-            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-            if e.is_dir(follow_symlinks=False):
-                subdirs.append(rel)
-            elif e.is_file(follow_symlinks=True):
-                yield e.path, rel
-        stack.extend(reversed(subdirs))

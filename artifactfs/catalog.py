@@ -36,7 +36,7 @@ class VersionRow(NamedTuple):
     id: VersionId
     name: str
     type: str
-    index: int
+    idx: int  # N of v<N> (not `index`, which would shadow tuple.index)
     digest: str
     description: str | None
     metadata: dict[str, Any]

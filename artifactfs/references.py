@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from . import names
-from .errors import InvalidName, NotFound, ReferenceError_
+from .errors import ArtifactFSError, InvalidName, NotFound, ReferenceError_
 
 if TYPE_CHECKING:
     from .catalog import Catalog, EntryRow
@@ -104,7 +104,7 @@ def _expand_file(uri: str, name: str | None, checksum: bool, max_objects: int) -
     if not stat.S_ISDIR(st.st_mode):
         raise ReferenceError_(f"reference {uri!r}: not a regular file or directory")
     prefix = name.rstrip("/") if name else None
-    for src, rel, size in _walk(path):
+    for src, rel, size in walk_files(path):
         if len(out) >= max_objects:
             raise ReferenceError_(
                 f"reference {uri!r} expands to more than max_objects={max_objects} files; nothing was added"
@@ -117,13 +117,22 @@ def _expand_file(uri: str, name: str | None, checksum: bool, max_objects: int) -
     return out
 
 
-def _walk(root: str) -> Iterator[tuple[str, str, int]]:
+def walk_files(root: str) -> Iterator[tuple[str, str, int]]:
+    """(absolute path, relative POSIX path, size) of each regular file below root, sorted.
+
+    Symlinks to regular files count as files; symlinks to directories are not followed, so a
+    loop or a tree outside root is never walked.
+    """
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         d = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            found = sorted(os.scandir(d), key=lambda e: e.name)
+        except PermissionError as exc:
+            raise ArtifactFSError(f"cannot read directory {d}: {exc.strerror}") from None
         subdirs = []
-        for e in sorted(os.scandir(d), key=lambda e: e.name):
+        for e in found:
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
             if e.is_dir(follow_symlinks=False):
                 subdirs.append(rel)
@@ -150,7 +159,7 @@ def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
     if ref.path == "" or ref.path.endswith("/"):
         rows = catalog.entries_under(vrow.id, ref.path) if ref.path else catalog.entries(vrow.id)
         if not rows:
-            raise NotFound(f"reference {ref.uri!r}: no entries under {ref.path!r} in {vrow.name}:v{vrow.index}")
+            raise NotFound(f"reference {ref.uri!r}: no entries under {ref.path!r} in {vrow.name}:v{vrow.idx}")
         if len(rows) > ref.max_objects:
             raise ReferenceError_(
                 f"reference {ref.uri!r} expands to {len(rows)} entries, more than max_objects={ref.max_objects}; "
@@ -159,6 +168,6 @@ def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
         return [(names.join_entry(prefix, r.path[len(ref.path):]), r) for r in rows]
     row = catalog.entry(vrow.id, ref.path)
     if row is None:
-        raise NotFound(f"reference {ref.uri!r}: {vrow.name}:v{vrow.index} has no entry {ref.path!r}")
+        raise NotFound(f"reference {ref.uri!r}: {vrow.name}:v{vrow.idx} has no entry {ref.path!r}")
     entry = names.check_entry_path(ref.name if ref.name is not None else ref.path.rsplit("/", 1)[-1])
     return [(entry, row)]

@@ -352,8 +352,8 @@ class ArtifactVersion:
         self.id = row.id
         self.name = row.name
         self.type = row.type
-        self.index = row.index
-        self.version = f"v{row.index}"
+        self.index = row.idx
+        self.version = f"v{row.idx}"
         self.digest = row.digest
         self.description = row.description
         self.metadata = row.metadata
