@@ -60,10 +60,18 @@ class Snapshot:
     artifacts: dict[str, ArtifactSnap]
 
 
+def _is_busy(e: sqlite3.Error) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
 def _map_error(e: sqlite3.Error, path: str) -> Exception:
     msg = str(e)
-    if isinstance(e, sqlite3.OperationalError) and "disk is full" in msg or "database or disk is full" in msg:
+    if "disk is full" in msg:
         return StoreFull(28, f"the store's filesystem is full (catalog {path})")
+    if _is_busy(e):
+        return CatalogError(f"catalog {path} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s")
+    if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "unable to open" in msg):
+        return CatalogError(f"catalog {path}: {msg}")
     if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
         return CatalogError(f"catalog {path} is damaged or not a database: {msg}")
     return CatalogError(f"catalog {path}: {msg}")
@@ -77,10 +85,16 @@ class Catalog:
         self._local = threading.local()
         if not create and not os.path.exists(path):
             raise CatalogError(f"no catalog at {path}")
-        try:
-            self._init()
-        except sqlite3.Error as e:
-            raise _map_error(e, path) from e
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._init()
+                return
+            except sqlite3.Error as e:
+                # Processes opening a new store together race for the switch to WAL mode.
+                if not _is_busy(e) or time.monotonic() > deadline:
+                    raise _map_error(e, path) from e
+                time.sleep(0.01 + random.random() * 0.05)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -130,7 +144,7 @@ class Catalog:
                 c.execute("BEGIN IMMEDIATE")
                 break
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                if not _is_busy(e) or time.monotonic() > deadline:
                     raise _map_error(e, self.path) from e
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.2)

@@ -120,6 +120,8 @@ class Store:
                 extra["source"] = pref.uri
                 entries[path] = EntryRow(path, row.digest, row.size, row.ref, row.blob, row.xxh128, extra)
 
+        _check_tree_shape([*entries, *(p for p, _ in artifact._items())])
+
         jobs: list[Job] = []
         job_paths: list[tuple[str, LocalFile | FileRef]] = []
         for path, item in artifact._items():
@@ -327,6 +329,18 @@ class Store:
             except ArtifactFSError:
                 pass  # a read-only store: ignoring the dead row is enough
         return None
+
+
+def _check_tree_shape(paths: list[str]) -> None:
+    """Refuse a version where one entry is a file and also a directory of another (a, a/b)."""
+    dirs: set[str] = set()
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            dirs.add("/".join(parts[:i]))
+    clash = sorted(dirs.intersection(paths))
+    if clash:
+        raise InvalidName(f"entry {clash[0]!r} is both a file and a directory of other entries")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -46,8 +46,23 @@ def store_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(store_root: Path) -> Store:
-    return Store(root=store_root)
+def open_store() -> Iterator[Callable[[str | os.PathLike[str]], Store]]:
+    """Open a Store on any root; every store opened is closed at teardown."""
+    opened: list[Store] = []
+
+    def open_(root: str | os.PathLike[str]) -> Store:
+        s = Store(root=root)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(store_root: Path, open_store) -> Store:
+    return open_store(store_root)
 
 
 @pytest.fixture

@@ -6,12 +6,15 @@ import base64
 import datetime
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 import blake3
 import pytest
 import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import artifactfs
 from artifactfs import Artifact, Store
@@ -80,6 +83,21 @@ def test_deleted_version_is_gone(store: Store) -> None:
     store.delete("ds:v0")
     with pytest.raises(KeyError):
         store.artifact("ds:v0")
+
+
+def test_deleting_latest_moves_latest_to_the_newest_remaining_version(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    store.delete("ds:latest")
+    assert store.artifact("ds:latest").version == "v0"
+    assert store.fsck().ok
+
+
+def test_files_lists_every_entry(store: Store, data_dir: Path, data_files) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    assert sorted(e.path for e in v.files()) == sorted(data_files)
 
 
 def test_latest_is_set_automatically(store: Store) -> None:
@@ -168,9 +186,9 @@ def test_different_content_gives_a_different_version_digest(store: Store) -> Non
     assert v0.digest != v1.digest
 
 
-def test_version_digest_depends_only_on_the_manifest(tmp_path: Path) -> None:
-    s1 = Store(root=tmp_path / "s1")
-    s2 = Store(root=tmp_path / "s2")
+def test_version_digest_depends_only_on_the_manifest(open_store, tmp_path: Path) -> None:
+    s1 = open_store(tmp_path / "s1")
+    s2 = open_store(tmp_path / "s2")
     a = log_bytes(s1, "x", {"p/q": b"data", "r": b"more"})
     b = log_bytes(s2, "y", {"r": b"more", "p/q": b"data"}, type="model")
     assert a.digest == b.digest
@@ -180,7 +198,7 @@ def test_version_digest_depends_only_on_the_manifest(tmp_path: Path) -> None:
 # -- dedup and blobs -----------------------------------------------------------------------
 
 
-def test_blob_is_named_by_blake3_of_content(store: Store, list_blobs) -> None:
+def test_blob_is_named_by_blake3_of_content(store: Store) -> None:
     log_bytes(store, "ds", {"f": b"hello blobs"})
     oid = b3(b"hello blobs")
     assert (Path(store.root) / "blobs" / oid[:2] / oid).read_bytes() == b"hello blobs"
@@ -436,6 +454,24 @@ def test_get_path_download_into_root(store: Store, data_dir: Path, tmp_path: Pat
     assert (tmp_path / "out") in got.resolve().parents
 
 
+def test_get_path_download_into_an_existing_root(store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    (tmp_path / "out").mkdir()
+    got = Path(v.get_path("sub/b.bin").download(root=str(tmp_path / "out")))
+    assert got.read_bytes() == (data_dir / "sub" / "b.bin").read_bytes()
+
+
+def test_get_path_download_writes_a_read_only_file(store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    (tmp_path / "out").mkdir()
+    got = Path(v.get_path("a.txt").download(root=str(tmp_path / "out")))
+    assert stat.S_IMODE(got.stat().st_mode) & 0o222 == 0
+
+
 def test_download_writes_every_file_with_the_logged_bytes(
         store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
     art = Artifact("ds", type="dataset")
@@ -518,6 +554,49 @@ def test_verify_of_a_changed_download_raises_digest_mismatch(
         v.verify(str(out))
 
 
+def test_verify_of_a_download_with_a_missing_file_raises_digest_mismatch(
+        store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    out = Path(v.download(root=str(tmp_path / "out")))
+    (out / "a.txt").unlink()
+    with pytest.raises(artifactfs.DigestMismatch):
+        v.verify(str(out))
+
+
+def test_checkout_never_writes_through_a_symlinked_directory(
+        store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "work"
+    root.mkdir()
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    v.checkout(str(root))
+    assert list(outside.iterdir()) == []
+    assert not (root / "sub").is_symlink()
+    assert tree_bytes(root) == data_files
+
+
+def test_download_replaces_a_symlink_instead_of_writing_through_it(
+        store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"must stay")
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "a.txt").symlink_to(victim)
+    v.download(root=str(root))
+    assert victim.read_bytes() == b"must stay"
+    assert not (root / "a.txt").is_symlink()
+    assert (root / "a.txt").read_bytes() == b"alpha\n"
+
+
 def test_verify_detects_a_corrupt_blob(store: Store, data_dir: Path) -> None:
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
@@ -563,8 +642,8 @@ def test_artifact_spec_forms(store: Store, spec: str, index: int) -> None:
     assert (v.name, v.index) == ("ds", index)
 
 
-def test_store_root_is_where_the_data_lives(store_root: Path) -> None:
-    s = Store(root=store_root)
+def test_store_root_is_where_the_data_lives(open_store, store_root: Path) -> None:
+    s = open_store(store_root)
     assert Path(s.root) == store_root
     log_bytes(s, "ds", {"f": b"x"})
     assert (store_root / "catalog.db").exists()
@@ -573,12 +652,15 @@ def test_store_root_is_where_the_data_lives(store_root: Path) -> None:
 
 def test_store_without_root_uses_artifactfs_home(_isolated_home: Path) -> None:
     s = Store()
-    assert Path(s.root) == _isolated_home
+    try:
+        assert Path(s.root) == _isolated_home
+    finally:
+        s.close()
 
 
-def test_second_store_object_sees_logged_versions(store_root: Path) -> None:
-    log_bytes(Store(root=store_root), "ds", {"f": b"x"})
-    assert Store(root=store_root).artifact("ds:v0").get_path("f").size == 1
+def test_second_store_object_sees_logged_versions(open_store, store_root: Path) -> None:
+    log_bytes(open_store(store_root), "ds", {"f": b"x"})
+    assert open_store(store_root).artifact("ds:v0").get_path("f").size == 1
 
 
 # -- gc ------------------------------------------------------------------------------------
@@ -589,8 +671,9 @@ def test_delete_then_gc_frees_blobs_no_version_uses(store: Store, list_blobs) ->
     log_bytes(store, "ds", {"shared": b"shared", "only1": b"only in v1"})
     store.delete("ds:v0")
     assert b3(b"only in v0") in list_blobs(store.root)  # blobs go at the next gc, not before
-    store.gc(grace_seconds=0)
+    report = store.gc(grace_seconds=0)
     assert set(list_blobs(store.root)) == {b3(b"shared"), b3(b"only in v1")}
+    assert (report.blobs_freed, report.bytes_freed) == (1, len(b"only in v0"))
 
 
 def test_gc_keeps_every_blob_of_live_versions(store: Store, data_dir: Path, list_blobs) -> None:
@@ -608,8 +691,9 @@ def test_gc_dry_run_deletes_nothing(store: Store, list_blobs) -> None:
     log_bytes(store, "ds", {"a": b"second"})
     store.delete("ds:v0")
     before = set(list_blobs(store.root))
-    store.gc(dry_run=True, grace_seconds=0)
+    report = store.gc(dry_run=True, grace_seconds=0)
     assert set(list_blobs(store.root)) == before
+    assert (report.blobs_freed, report.bytes_freed) == (1, len(b"first"))  # what would go
     store.gc(grace_seconds=0)
     assert set(list_blobs(store.root)) == {b3(b"second")}
 
@@ -682,3 +766,25 @@ def test_relogging_content_restores_a_quarantined_blob(store: Store) -> None:
     log_bytes(store, "other", {"b": b"to be corrupted"})
     assert blob.read_bytes() == b"to be corrupted"
     assert store.fsck().ok
+
+
+# -- round trip, as a property -------------------------------------------------------------
+
+_component = st.sampled_from(["a", "b", "data.bin", "é", "x y", ".dot", "z" * 40])
+_trees = st.dictionaries(
+    st.lists(_component, min_size=1, max_size=3).map("/".join),
+    st.binary(max_size=2048), min_size=1, max_size=6,
+).filter(lambda t: not any(q.startswith(p + "/") for p in t for q in t))  # no file is also a dir
+
+
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_trees)
+def test_any_logged_tree_downloads_byte_for_byte(files: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(root=os.path.join(tmp, "store"))
+        v = log_bytes(store, "prop", files)
+        assert {p: e.digest for p, e in v.manifest.entries.items()} == {p: b3(d) for p, d in files.items()}
+        assert tree_bytes(v.download(root=os.path.join(tmp, "out"))) == files
+        v.verify(os.path.join(tmp, "out"))
+        store.close()

@@ -12,7 +12,6 @@ import blake3
 import pytest
 import xxhash
 
-from artifactfs import Store
 
 
 def b3(data: bytes) -> str:
@@ -50,34 +49,35 @@ def logged(cli, data_dir: Path):
 # -- log / ls / show / manifest ------------------------------------------------------------
 
 
-def test_log_directory_puts_its_contents_at_the_root(cli, store_root: Path, data_dir: Path, data_files) -> None:
+def test_log_directory_puts_its_contents_at_the_root(
+        open_store, cli, store_root: Path, data_dir: Path, data_files) -> None:
     cli("log", "ds", data_dir, check=True)
-    v = Store(root=store_root).artifact("ds:v0")
+    v = open_store(store_root).artifact("ds:v0")
     assert set(v.manifest.entries) == set(data_files)
 
 
-def test_log_file_adds_it_under_its_base_name(cli, store_root: Path, data_dir: Path) -> None:
+def test_log_file_adds_it_under_its_base_name(open_store, cli, store_root: Path, data_dir: Path) -> None:
     cli("log", "ds", data_dir / "sub" / "b.bin", data_dir / "a.txt", check=True)
-    assert set(Store(root=store_root).artifact("ds").manifest.entries) == {"b.bin", "a.txt"}
+    assert set(open_store(store_root).artifact("ds").manifest.entries) == {"b.bin", "a.txt"}
 
 
-def test_log_with_type_alias_description_metadata(cli, store_root: Path, data_dir: Path) -> None:
+def test_log_with_type_alias_description_metadata(open_store, cli, store_root: Path, data_dir: Path) -> None:
     cli("log", "m", data_dir / "a.txt", "--type", "model", "--alias", "best", "--alias", "prod",
         "--description", "a model", "--metadata", '{"lr": 0.1}', check=True)
-    v = Store(root=store_root).artifact("m:best")
+    v = open_store(store_root).artifact("m:best")
     assert (v.type, v.description, v.metadata) == ("model", "a model", {"lr": 0.1})
     assert {"best", "prod", "latest"} <= set(v.aliases)
 
 
-def test_log_with_ref(cli, store_root: Path, data_dir: Path) -> None:
+def test_log_with_ref(open_store, cli, store_root: Path, data_dir: Path) -> None:
     cli("log", "r", "--ref", "file://" + str(data_dir / "a.txt"), check=True)
-    e = Store(root=store_root).artifact("r").manifest.entries["a.txt"]
+    e = open_store(store_root).artifact("r").manifest.entries["a.txt"]
     assert (e.ref, e.digest) == ("file://" + str(data_dir / "a.txt"), b3(b"alpha\n"))
 
 
-def test_log_again_unchanged_keeps_the_version(cli, store_root: Path, logged: Path) -> None:
+def test_log_again_unchanged_keeps_the_version(open_store, cli, store_root: Path, logged: Path) -> None:
     cli("log", "ds", logged, check=True)
-    assert [v.version for v in Store(root=store_root).versions("ds")] == ["v0"]
+    assert [v.version for v in open_store(store_root).versions("ds")] == ["v0"]
 
 
 def test_ls_lists_artifacts(cli, logged: Path) -> None:
@@ -105,9 +105,9 @@ def test_show_prints_the_version_and_its_files(cli, logged: Path, data_files) ->
         assert path in out
 
 
-def test_show_json(cli, store_root: Path, logged: Path, data_files) -> None:
+def test_show_json(open_store, cli, store_root: Path, logged: Path, data_files) -> None:
     d = json.loads(cli("show", "ds:v0", "--json", check=True).stdout)
-    v = Store(root=store_root).artifact("ds:v0")
+    v = open_store(store_root).artifact("ds:v0")
     assert (d["name"], d["version"], d["digest"]) == ("ds", "v0", v.digest)
     assert "latest" in d["aliases"]
     assert json.dumps(d)  # parsed and re-serialisable
@@ -164,28 +164,28 @@ def test_verify_unchanged_dir_passes(cli, logged: Path, tmp_path: Path) -> None:
 # -- alias / delete / diff -----------------------------------------------------------------
 
 
-def test_alias_points_an_alias_at_a_version(cli, store_root: Path, logged: Path) -> None:
+def test_alias_points_an_alias_at_a_version(open_store, cli, store_root: Path, logged: Path) -> None:
     cli("log", "ds", logged / "a.txt", check=True)
     cli("alias", "ds:v0", "best", check=True)
-    assert Store(root=store_root).artifact("ds:best").version == "v0"
+    assert open_store(store_root).artifact("ds:best").version == "v0"
 
 
-def test_alias_remove(cli, store_root: Path, logged: Path) -> None:
+def test_alias_remove(open_store, cli, store_root: Path, logged: Path) -> None:
     cli("alias", "ds:v0", "best", check=True)
     cli("alias", "ds:v0", "best", "--remove", check=True)
     with pytest.raises(KeyError):
-        Store(root=store_root).artifact("ds:best")
+        open_store(store_root).artifact("ds:best")
 
 
-def test_alias_reserved_version_name_is_refused(cli, store_root: Path, logged: Path) -> None:
+def test_alias_reserved_version_name_is_refused(open_store, cli, store_root: Path, logged: Path) -> None:
     assert_user_error(cli("alias", "ds:v0", "v5"))
-    assert set(Store(root=store_root).artifact("ds:v0").aliases) == {"latest"}
+    assert set(open_store(store_root).artifact("ds:v0").aliases) == {"latest"}
 
 
-def test_delete_removes_the_version(cli, store_root: Path, logged: Path) -> None:
+def test_delete_removes_the_version(open_store, cli, store_root: Path, logged: Path) -> None:
     cli("log", "ds", logged / "a.txt", check=True)
     cli("delete", "ds:v0", check=True)
-    assert [v.version for v in Store(root=store_root).versions("ds")] == ["v1"]
+    assert [v.version for v in open_store(store_root).versions("ds")] == ["v1"]
 
 
 def test_diff_names_added_removed_and_changed_paths(cli, make_tree) -> None:
@@ -248,7 +248,7 @@ def test_fsck_corrupt_blob_exits_nonzero_naming_digest(cli, store_root: Path, lo
     assert oid in proc.stdout + proc.stderr
 
 
-def test_fsck_unreferenced_blob_is_not_damage(cli, store_root: Path, make_tree) -> None:
+def test_fsck_unreferenced_blob_is_not_damage(cli, make_tree) -> None:
     cli("log", "ds", make_tree("a", {"f": b"only in v0"}), check=True)
     cli("log", "ds", make_tree("b", {"f": b"only in v1"}), check=True)
     cli("delete", "ds:v0", check=True)
@@ -267,9 +267,9 @@ def test_fsck_repair_quarantines_a_corrupt_blob(cli, store_root: Path, logged: P
 # -- user errors ---------------------------------------------------------------------------
 
 
-def test_bad_name_is_a_one_line_error(cli, store_root: Path, data_dir: Path) -> None:
+def test_bad_name_is_a_one_line_error(open_store, cli, store_root: Path, data_dir: Path) -> None:
     assert_user_error(cli("log", "bad name", data_dir))
-    assert not (store_root / "catalog.db").exists() or Store(root=store_root).artifacts() == []
+    assert not (store_root / "catalog.db").exists() or open_store(store_root).artifacts() == []
 
 
 def test_missing_artifact_is_a_one_line_error(cli, logged: Path) -> None:
@@ -280,11 +280,27 @@ def test_missing_version_is_a_one_line_error(cli, logged: Path) -> None:
     assert_user_error(cli("show", "ds:v9"))
 
 
-def test_missing_path_is_a_one_line_error(cli, store_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [
+    ["get", "ds:nosuch", "DEST"],
+    ["delete", "ds:v9"],
+    ["alias", "ds:v0", "bad alias"],
+    ["alias", "ds:v0", "nosuch", "--remove"],
+    ["diff", "ds:v0", "nosuch:v0"],
+    ["manifest", "ds:v9"],
+    ["verify", "nosuch"],
+    ["ls", "nosuch"],
+    ["show", "bad name"],
+])
+def test_other_user_errors_are_one_line_errors(cli, logged: Path, tmp_path: Path, command) -> None:
+    args = [str(tmp_path / "dest") if a == "DEST" else a for a in command]
+    assert_user_error(cli(*args))
+
+
+def test_missing_path_is_a_one_line_error(open_store, cli, store_root: Path, tmp_path: Path) -> None:
     proc = cli("log", "ds", tmp_path / "no-such-dir")
     assert_user_error(proc)
     assert "no-such-dir" in proc.stderr
-    assert not (store_root / "catalog.db").exists() or Store(root=store_root).artifacts() == []
+    assert not (store_root / "catalog.db").exists() or open_store(store_root).artifacts() == []
 
 
 def test_missing_store_is_a_one_line_error(cli, tmp_path: Path) -> None:
@@ -312,6 +328,22 @@ def test_truncated_catalog_is_a_one_line_error(cli, store_root: Path, logged: Pa
     assert_user_error(cli("ls"))
 
 
+def test_catalog_from_a_newer_artifactfs_is_a_one_line_error(cli, store_root: Path, logged: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(store_root / "catalog.db")
+    con.execute("PRAGMA user_version = 999")
+    con.close()
+    assert_user_error(cli("ls"))
+
+
+def test_store_path_that_is_a_file_is_a_one_line_error(cli, tmp_path: Path, data_dir: Path) -> None:
+    f = tmp_path / "not-a-dir"
+    f.write_bytes(b"x")
+    assert_user_error(cli("log", "ds", data_dir, store=f))
+    assert f.read_bytes() == b"x"
+
+
 def test_invalid_metadata_json_is_a_one_line_error(cli, data_dir: Path) -> None:
     assert_user_error(cli("log", "ds", data_dir, "--metadata", "{not json"))
 
@@ -325,16 +357,18 @@ def test_unknown_command_exits_nonzero_without_traceback(cli) -> None:
 # -- choosing the store --------------------------------------------------------------------
 
 
-def test_artifactfs_home_selects_the_store_without_store_flag(cli, tmp_path: Path, data_dir: Path) -> None:
+def test_artifactfs_home_selects_the_store_without_store_flag(
+        open_store, cli, tmp_path: Path, data_dir: Path) -> None:
     home = tmp_path / "home-via-env"
     cli("log", "ds", data_dir, store=None, env={"ARTIFACTFS_HOME": str(home)}, check=True)
-    assert Store(root=home).artifacts() == ["ds"]
+    assert open_store(home).artifacts() == ["ds"]
     rows = json.loads(cli("ls", "--json", store=None, env={"ARTIFACTFS_HOME": str(home)}, check=True).stdout)
     assert [r["name"] for r in rows] == ["ds"]
 
 
-def test_store_flag_wins_over_artifactfs_home(cli, tmp_path: Path, store_root: Path, data_dir: Path) -> None:
+def test_store_flag_wins_over_artifactfs_home(
+        open_store, cli, tmp_path: Path, store_root: Path, data_dir: Path) -> None:
     home = tmp_path / "home-via-env"
     cli("log", "ds", data_dir, env={"ARTIFACTFS_HOME": str(home)}, check=True)
-    assert Store(root=store_root).artifacts() == ["ds"]
+    assert open_store(store_root).artifacts() == ["ds"]
     assert not (home / "catalog.db").exists()

@@ -7,20 +7,20 @@ import sys
 import time
 from pathlib import Path
 
-from artifactfs import Store
 
 WORKERS = 4
 VERSIONS_EACH = 5
 
-# Each worker waits for a common start time, then logs VERSIONS_EACH versions of `shared`,
-# each with content no other log has, and prints the index it got.
+# Each worker waits for a common start time, opens the store (all at once: for a new store this
+# races the catalog's creation), then logs versions of `name`, each with content no other log
+# has, and prints the index it got.
 WORKER = """
 import sys, time
 from artifactfs import Artifact, Store
 root, worker, start, name = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-store = Store(root=root)
 while time.time() < start:
-    time.sleep(0.002)
+    time.sleep(0.001)
+store = Store(root=root)
 for i in range(int(sys.argv[5])):
     art = Artifact(name, type="dataset")
     with art.new_file("data.txt") as f:
@@ -35,16 +35,20 @@ def run_workers(root: Path, names: list[str], versions_each: int) -> list[list[i
                                str(versions_each)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w, name in enumerate(names)]
-    got = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:  # reached with live workers only when one timed out
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err
-        got.append([int(x) for x in out.split()])
-    return got
+    return [[int(x) for x in out.split()] for out, _err in results]
 
 
-def test_concurrent_logs_get_distinct_consecutive_versions(store_root: Path) -> None:
-    Store(root=store_root).close()
+def test_concurrent_logs_get_distinct_consecutive_versions(open_store, store_root: Path) -> None:
+    open_store(store_root)
     got = run_workers(store_root, ["shared"] * WORKERS, VERSIONS_EACH)
     all_indexes = sorted(i for g in got for i in g)
     assert all_indexes == list(range(WORKERS * VERSIONS_EACH))
@@ -52,10 +56,10 @@ def test_concurrent_logs_get_distinct_consecutive_versions(store_root: Path) -> 
         assert g == sorted(g)  # each worker's own logs are in order
 
 
-def test_concurrent_logs_lose_no_content(store_root: Path) -> None:
-    Store(root=store_root).close()
+def test_concurrent_logs_lose_no_content(open_store, store_root: Path) -> None:
+    open_store(store_root)
     got = run_workers(store_root, ["shared"] * WORKERS, VERSIONS_EACH)
-    store = Store(root=store_root)
+    store = open_store(store_root)
     versions = store.versions("shared")
     assert [v.index for v in versions] == list(range(WORKERS * VERSIONS_EACH))
     content = {v.index: (Path(v.download(root=str(store_root.parent / "dl" / v.version))) / "data.txt")
@@ -69,8 +73,8 @@ def test_concurrent_logs_lose_no_content(store_root: Path) -> None:
     assert store.fsck().ok
 
 
-def test_concurrent_first_use_of_a_new_store(store_root: Path) -> None:
-    names = [f"art{w}" for w in range(WORKERS)]
+def test_concurrent_first_use_of_a_new_store(open_store, store_root: Path) -> None:
+    names = [f"art{w}" for w in range(2 * WORKERS)]
     got = run_workers(store_root, names, 2)
-    assert got == [[0, 1]] * WORKERS
-    assert sorted(Store(root=store_root).artifacts()) == names
+    assert got == [[0, 1]] * len(names)
+    assert sorted(open_store(store_root).artifacts()) == names

@@ -41,7 +41,8 @@ def test_file_reference_with_checksum_records_blake3_and_size(store: Store, data
     v = store.log_artifact(art)
     data = (data_dir / "sub" / "b.bin").read_bytes()
     e = v.manifest.entries["b.bin"]
-    assert (e.path, e.digest, e.size, e.ref) == ("b.bin", b3(data), len(data), uri(data_dir / "sub" / "b.bin"))
+    assert (e.path, e.digest, e.size) == ("b.bin", b3(data), len(data))
+    assert e.ref == uri(data_dir / "sub" / "b.bin")
 
 
 def test_file_reference_with_name(store: Store, data_dir: Path) -> None:
@@ -116,6 +117,36 @@ def test_verify_detects_a_changed_checksummed_reference(store: Store, data_dir: 
         v.verify()
 
 
+def test_changed_checksummed_reference_is_never_handed_out(
+        store: Store, data_dir: Path, tmp_path: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_reference(uri(data_dir / "a.txt"))
+    v = store.log_artifact(art)
+    (data_dir / "a.txt").write_bytes(b"other bytes\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(artifactfs.DigestMismatch):
+        v.get_path("a.txt").download(root=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "a.txt").exists()
+
+
+def test_changed_checksummed_reference_is_served_from_a_blob_with_the_logged_digest(
+        store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_reference(uri(data_dir / "a.txt"))
+    v = store.log_artifact(art)
+    log_bytes(store, "copy", {"alpha.txt": b"alpha\n"})  # the same bytes, now held as a blob
+    (data_dir / "a.txt").write_bytes(b"other bytes\n")
+    assert entry_bytes(v, "a.txt") == b"alpha\n"
+
+
+def test_unchecked_reference_serves_the_file_as_it_is(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_reference(uri(data_dir / "a.txt"), checksum=False)
+    v = store.log_artifact(art)
+    (data_dir / "a.txt").write_bytes(b"updated\n")
+    assert entry_bytes(v, "a.txt") == b"updated\n"
+
+
 def test_file_reference_manifest_json_keeps_ref_and_blake3(store: Store, data_dir: Path) -> None:
     art = Artifact("ds", type="dataset")
     art.add_reference(uri(data_dir / "a.txt"))
@@ -174,6 +205,14 @@ def test_tracked_reference_with_name(store: Store) -> None:
     v = store.log_artifact(art)
     e = v.manifest.entries["train/data.csv"]
     assert e.ref == e.digest == "https://example.com/data/train.csv"
+
+
+def test_tracked_reference_in_manifest_json(store: Store) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_reference("s3://bucket/path/to/key.bin")
+    c = store.log_artifact(art).manifest.to_manifest_json()["contents"]["key.bin"]
+    assert c["digest"] == c["ref"] == "s3://bucket/path/to/key.bin"
+    assert c.get("size") is None
 
 
 def test_tracked_reference_reads_nothing(store: Store, list_blobs) -> None:
@@ -267,3 +306,14 @@ def test_artifact_reference_max_objects_exceeded_logs_nothing(store: Store) -> N
     with pytest.raises(artifactfs.ArtifactFSError):
         store.log_artifact(art)
     assert store.artifacts() == ["base"]
+
+
+def test_gc_keeps_blobs_used_through_an_artifact_reference(store: Store) -> None:
+    log_bytes(store, "base", {"train.npz": b"training data"})
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/train.npz")
+    v = store.log_artifact(art)
+    store.delete("base:v0")
+    store.gc(grace_seconds=0)
+    assert entry_bytes(v, "train.npz") == b"training data"
+    assert store.fsck().ok

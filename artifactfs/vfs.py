@@ -1,0 +1,801 @@
+"""What a mounted store looks like, without any FUSE in it.
+
+The view has two parts:
+
+- the *top layer* (root, one directory per artifact, `v<N>` directories and alias symlinks),
+  rebuilt from a catalog `Snapshot` whenever the catalog's generation changes;
+- one *version tree* per version: built once, on first access, from the catalog's entries, and
+  never changed afterwards. After it is built no SQL runs for it and nothing is hashed on read.
+
+Inode numbers are derived with xxhash from stable keys (the version id and entry path for
+version trees; the artifact name, alias and target for the top layer), so they survive daemon
+restarts; the rare collision is resolved by re-hashing with a counter.
+
+`fuse_ops.py` translates kernel requests into calls on `VFS`; this module raises domain errors
+(`NotFound`) and `OSError` with the errno the caller should see.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, TypeAlias
+
+import xxhash
+
+from .blobstore import hash_file
+from .catalog import EntryRow, Snapshot, VersionId
+from .errors import NotFound
+from .references import local_path_of
+
+__all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",
+           "ArtifactDir", "VersionInfo", "OpenFile", "NeedsHash", "Invalidation", "ROOT_INODE"]
+
+log = logging.getLogger("artifactfs.vfs")
+
+InodeT: TypeAlias = int
+ROOT_INODE: InodeT = 1  # FUSE's root node id
+_INO_MASK = (1 << 63) - 1  # 63 bits: some programs still treat st_ino as signed
+
+# Extended attributes on files (and reference symlinks).
+XATTR_DIGEST = b"user.artifactfs.digest"
+XATTR_REF = b"user.artifactfs.ref"
+
+Fingerprint: TypeAlias = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+_MISSING: Fingerprint = (-1, -1, -1, -1, -1)  # "the referenced file could not be opened"
+
+
+class NeedsHash(Exception):
+    """Raised by `VFS.open(..., may_hash=False)` when opening needs a re-hash (slow: a thread)."""
+
+
+# -- nodes --------------------------------------------------------------------------------------
+# Compact: __slots__ and no per-node dicts, since a version can hold a million entries. Names are
+# bytes because that is what the kernel sends and what readdir replies with.
+
+
+class Node:
+    __slots__ = ("ino", "name", "root")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot | None) -> None:
+        self.ino = ino
+        self.name = name
+        self.root = root  # the version this node belongs to; None for the top layer
+
+
+class Dir(Node):
+    __slots__ = ("parent", "children")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot | None, parent: Dir | None) -> None:
+        super().__init__(ino, name, root)
+        self.parent = parent
+        self.children: dict[bytes, Node] | None = {}
+
+
+class File(Node):
+    __slots__ = ("size", "digest")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot, size: int, digest: str) -> None:
+        super().__init__(ino, name, root)
+        self.size = size
+        self.digest = digest
+
+
+class BlobFile(File):
+    """Content held in the blob store."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot, size: int, digest: str, blob: str) -> None:
+        super().__init__(ino, name, root, size, digest)
+        self.blob = blob
+
+
+class RefFile(File):
+    """A file:// reference served in place from `local`.
+
+    `checked` entries were hashed at log time: `good` is the stat fingerprint the content was
+    last known to match (the logged one at first), `bad` the last one known not to match, and
+    `in_doubt` is set by the watcher when the file's directory reported a change.
+    """
+
+    __slots__ = ("path", "ref", "local", "checked", "good", "bad", "in_doubt", "meta")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot, size: int, digest: str, *,
+                 path: str, ref: str, local: str | None, checked: bool, good: Fingerprint | None) -> None:
+        super().__init__(ino, name, root, size, digest)
+        self.path = path  # entry path, for log lines
+        self.ref = ref
+        self.local = local
+        self.checked = checked
+        self.good = good
+        self.bad: Fingerprint | None = None
+        self.in_doubt = False
+        self.meta: tuple[int, int, int] | None = None  # (uid, gid, mode) of the referenced file
+
+
+class Link(Node):
+    __slots__ = ("target", "digest", "ref")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot | None, target: bytes,
+                 digest: str | None = None, ref: str | None = None) -> None:
+        super().__init__(ino, name, root)
+        self.target = target
+        self.digest = digest  # set for tracked references (the URI)
+        self.ref = ref
+
+
+class VersionRoot(Dir):
+    """The directory `<artifact>/v<N>` (or the mount's root in single-version mode).
+
+    `children` is None until the tree is built. `known` counts the inodes of this tree the
+    kernel holds a lookup count on, so a deleted version's tree is freed only once the kernel
+    has forgotten all of them.
+    """
+
+    __slots__ = ("vid", "artifact", "index", "mtime_ns", "known", "deleted", "top_ino")
+
+    def __init__(self, ino: InodeT, name: bytes, vid: VersionId, artifact: str, index: int,
+                 created_at: float, top_ino: InodeT) -> None:
+        super().__init__(ino, name, None, None)
+        self.root = self
+        self.children = None
+        self.vid = vid
+        self.artifact = artifact
+        self.index = index
+        self.mtime_ns = int(created_at * 1e9)
+        self.known = 0
+        self.deleted = False
+        self.top_ino = top_ino  # inode of the directory holding it (".." of the version root)
+
+    @property
+    def label(self) -> str:
+        return f"{self.artifact}:v{self.index}"
+
+
+class ArtifactDir(Dir):
+    __slots__ = ("mtime_ns",)
+
+    def __init__(self, ino: InodeT, name: bytes, parent: Dir, mtime_ns: int) -> None:
+        super().__init__(ino, name, None, parent)
+        self.mtime_ns = mtime_ns
+
+
+class TopRoot(Dir):
+    __slots__ = ("mtime_ns",)
+
+    def __init__(self, mtime_ns: int) -> None:
+        super().__init__(ROOT_INODE, b"", None, None)
+        self.mtime_ns = mtime_ns
+
+
+class Attr(NamedTuple):
+    """Attributes of a node, FUSE-free. `entry_stable`: the name->inode binding never changes;
+    `attr_stable`: the attributes never change (both allow long kernel cache timeouts)."""
+
+    ino: InodeT
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    entry_stable: bool
+    attr_stable: bool
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """The version of a single-version mount."""
+
+    id: VersionId
+    name: str
+    index: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Invalidation:
+    """What the kernel must forget after a top-layer rebuild."""
+
+    entries: list[tuple[InodeT, bytes]]  # (parent inode, name) whose binding changed or went
+    inodes: list[InodeT]  # directories whose attributes or listing changed
+
+
+class OpenFile:
+    """An open descriptor and what `read` needs to check it (fh in fuse_ops is the fd)."""
+
+    __slots__ = ("fd", "size", "ref")
+
+    def __init__(self, fd: int, size: int, ref: RefFile | None) -> None:
+        self.fd = fd
+        self.size = size
+        self.ref = ref  # set for checked references: the watcher may mark them changed while open
+
+
+# -- the view -----------------------------------------------------------------------------------
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _encode(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+class VFS:
+    """The tree a mount shows. Not thread-safe except where noted: fuse_ops calls it from the
+    trio thread; `build` and `mark_in_doubt` may run in other threads."""
+
+    def __init__(self, store: object, *, version: VersionInfo | None = None,
+                 verify_blobs: bool = False, uid: int | None = None, gid: int | None = None,
+                 watch: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.catalog = store.catalog  # type: ignore[attr-defined]
+        self.blobs = store.blobs  # type: ignore[attr-defined]
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.verify_blobs = verify_blobs
+        self.watch = watch  # called with each new directory holding checked references
+        self.single = version is not None
+        self._inodes: dict[InodeT, Node] = {}
+        self._lookups: dict[InodeT, int] = {}
+        self._table_lock = threading.Lock()  # inode table writes (builds run in worker threads)
+        self._build_lock = threading.Lock()
+        self._top_keys: dict[InodeT, bytes] = {}  # top-layer inode -> its key
+        self._orphans: set[InodeT] = set()  # top-layer nodes gone from the view, still known to the kernel
+        self._versions: dict[VersionId, VersionRoot] = {}
+        self._refs_by_path: dict[str, list[RefFile]] = {}
+        self._watched: set[str] = set()
+        self._verified_blobs: set[str] = set()
+        self.generation = -1
+        if version is not None:
+            vr = VersionRoot(ROOT_INODE, b"", version.id, version.name, version.index,
+                             version.created_at, ROOT_INODE)
+            self.root: Dir = vr
+            self._versions[version.id] = vr
+        else:
+            self.root = TopRoot(time.time_ns())
+        self._inodes[ROOT_INODE] = self.root
+
+    # -- inode numbers ---------------------------------------------------------------------
+
+    def _new_ino(self, key: bytes) -> InodeT:
+        """A free inode number for a new node with `key` (caller holds _table_lock)."""
+        n = 0
+        k = key
+        while True:
+            ino = xxhash.xxh3_64_intdigest(k) & _INO_MASK
+            if ino > ROOT_INODE and ino not in self._inodes:
+                return ino
+            n += 1
+            k = key + b"\x00#%d" % n
+            if n == 1:
+                log.debug("inode collision for key %r", key)
+
+    def _top_ino(self, key: bytes) -> InodeT:
+        """The inode of a top-layer node: the same as before for the same key."""
+        n = 0
+        k = key
+        while True:
+            ino = xxhash.xxh3_64_intdigest(k) & _INO_MASK
+            if ino > ROOT_INODE and (ino not in self._inodes or self._top_keys.get(ino) == key):
+                self._top_keys[ino] = key
+                return ino
+            n += 1
+            k = key + b"\x00#%d" % n
+
+    # -- the top layer ---------------------------------------------------------------------
+
+    def refresh_needed(self) -> bool:
+        """True when the catalog changed since the last `apply_snapshot` (one cheap query)."""
+        return not self.single and self.catalog.generation() != self.generation
+
+    def snapshot(self) -> Snapshot:
+        return self.catalog.snapshot()  # type: ignore[no-any-return]
+
+    def apply_snapshot(self, snap: Snapshot) -> Invalidation:
+        """Rebuild the top layer from `snap`; return what the kernel must forget."""
+        if self.single:
+            self.generation = snap.generation
+            return Invalidation([], [])
+        root = self.root
+        assert isinstance(root, TopRoot) and root.children is not None
+        old_children = root.children
+        new_children: dict[bytes, Node] = {}
+        entries: list[tuple[InodeT, bytes]] = []
+        inodes: list[InodeT] = []
+        live_vids: set[VersionId] = set()
+        shown: set[InodeT] = set()  # top-layer inodes in the new view
+        newest = 0
+        with self._table_lock:
+            for name in sorted(snap.artifacts):
+                a = snap.artifacts[name]
+                bname = _encode(name)
+                mtime = max((int(c * 1e9) for _, c in a.versions.values()), default=0)
+                newest = max(newest, mtime)
+                ino = self._top_ino(b"a\x00" + bname)
+                adir = ArtifactDir(ino, bname, root, mtime)
+                assert adir.children is not None
+                for idx in sorted(a.versions):
+                    vid, created = a.versions[idx]
+                    live_vids.add(vid)
+                    vr = self._versions.get(vid)
+                    if vr is None:
+                        vr = VersionRoot(self._top_ino(b"v\x00%d" % vid), b"v%d" % idx, vid, name, idx,
+                                         created, ino)
+                        self._versions[vid] = vr
+                        self._inodes[vr.ino] = vr
+                    adir.children[vr.name] = vr
+                for alias in sorted(a.aliases):
+                    idx = a.aliases[alias]
+                    if idx not in a.versions:
+                        continue
+                    balias = _encode(alias)
+                    # The target is part of the key: a moved alias is a new inode, so the kernel
+                    # never serves a cached symlink target after an invalidation.
+                    lino = self._top_ino(b"l\x00%s\x00%s\x00%d" % (bname, balias, idx))
+                    link = Link(lino, balias, None, b"v%d" % idx)
+                    adir.children[balias] = link
+                    self._inodes[lino] = link
+                    shown.add(lino)
+                old = old_children.get(bname)
+                if isinstance(old, ArtifactDir) and old.children is not None:
+                    changed = False
+                    for cname, cnode in old.children.items():
+                        new = adir.children.get(cname)
+                        if new is None or new.ino != cnode.ino:
+                            entries.append((ino, cname))
+                            changed = True
+                    if changed or len(old.children) != len(adir.children) or old.mtime_ns != mtime:
+                        inodes.append(ino)
+                self._inodes[ino] = adir
+                shown.add(ino)
+                new_children[bname] = adir
+            for bname, old in old_children.items():
+                if bname not in new_children:
+                    entries.append((ROOT_INODE, bname))
+            if set(old_children) != set(new_children):
+                inodes.append(ROOT_INODE)
+            root.children = new_children
+            root.mtime_ns = max(root.mtime_ns, newest)
+            # Top-layer nodes no longer shown: drop them unless the kernel still knows them.
+            for ino in list(self._top_keys):
+                node = self._inodes.get(ino)
+                if ino in shown or isinstance(node, VersionRoot):
+                    continue  # version roots: handled below
+                if node is None:
+                    self._top_keys.pop(ino, None)
+                    continue
+                if self._lookups.get(ino, 0) > 0:
+                    self._orphans.add(ino)
+                else:
+                    self._drop_top(ino)
+            for vid in [v for v in self._versions if v not in live_vids]:
+                vr = self._versions.pop(vid)
+                vr.deleted = True
+                if vr.known == 0 and self._lookups.get(vr.ino, 0) == 0:
+                    self._free_tree(vr)
+        self.generation = snap.generation
+        return Invalidation(entries, inodes)
+
+    def _drop_top(self, ino: InodeT) -> None:
+        self._inodes.pop(ino, None)
+        self._top_keys.pop(ino, None)
+        self._orphans.discard(ino)
+
+    def _free_tree(self, vr: VersionRoot) -> None:
+        """Forget every node of a deleted version (caller holds _table_lock)."""
+        stack: list[Node] = [vr]
+        while stack:
+            n = stack.pop()
+            if self._inodes.get(n.ino) is n:
+                del self._inodes[n.ino]
+            if isinstance(n, Dir) and n.children:
+                stack.extend(n.children.values())
+            if isinstance(n, RefFile) and n.local is not None:
+                lst = self._refs_by_path.get(n.local)
+                if lst is not None and n in lst:
+                    lst.remove(n)
+                    if not lst:
+                        del self._refs_by_path[n.local]
+        self._top_keys.pop(vr.ino, None)
+        vr.children = {}
+
+    # -- version trees ---------------------------------------------------------------------
+
+    def unbuilt(self, ino: InodeT) -> VersionRoot | None:
+        """The version root `ino` if its tree is not built yet (fuse_ops builds it in a thread)."""
+        n = self._inodes.get(ino)
+        if isinstance(n, VersionRoot) and n.children is None:
+            return n
+        return None
+
+    def build(self, vr: VersionRoot) -> None:
+        """Build a version's tree from the catalog (once; safe to call from a worker thread)."""
+        with self._build_lock:
+            if vr.children is not None:
+                return
+            rows = self.catalog.entries(vr.vid)
+            t0 = time.monotonic()
+            self._build_from_rows(vr, rows)
+            log.debug("built %s: %d entries in %.3f s", vr.label, len(rows), time.monotonic() - t0)
+
+    def _build_from_rows(self, vr: VersionRoot, rows: Iterable[EntryRow]) -> None:
+        vid = vr.vid
+        children: dict[bytes, Node] = {}
+        dirs: dict[str, Dir] = {}
+        new_watch: list[str] = []
+        with self._table_lock:
+            # Build into a detached root dict; publish it last, so readers see all or nothing.
+            tmp_root = Dir(vr.ino, vr.name, vr, None)
+            tmp_root.children = children
+            dirs[""] = tmp_root
+            for row in rows:
+                head, _, leaf = row.path.rpartition("/")
+                parent = dirs.get(head)
+                if parent is None:
+                    parent = self._mkdirs(vr, dirs, head)
+                    if parent is None:
+                        log.warning("%s: entry %r skipped: a parent path is a file", vr.label, row.path)
+                        continue
+                assert parent.children is not None
+                bleaf = _encode(leaf)
+                if bleaf in parent.children:
+                    log.warning("%s: entry %r skipped: the path is also a directory", vr.label, row.path)
+                    continue
+                ino = self._new_ino(b"e\x00%d\x00%s" % (vid, _encode(row.path)))
+                node = self._make_node(vr, ino, bleaf, row)
+                parent.children[bleaf] = node
+                self._inodes[ino] = node
+                if isinstance(node, RefFile) and node.checked and node.local is not None:
+                    self._refs_by_path.setdefault(node.local, []).append(node)
+                    d = os.path.dirname(node.local)
+                    if d not in self._watched:
+                        self._watched.add(d)
+                        new_watch.append(d)
+            # Directories made for the tree point at the real version root, not the temporary one.
+            for d in dirs.values():
+                if d.parent is tmp_root:
+                    d.parent = vr
+            vr.children = children
+        if self.watch is not None:
+            for d in new_watch:
+                try:
+                    self.watch(d)
+                except Exception:  # a watcher failure must not make the version unreadable
+                    log.warning("cannot watch %s for changes; relying on stat checks", d, exc_info=True)
+
+    def _mkdirs(self, vr: VersionRoot, dirs: dict[str, Dir], path: str) -> Dir | None:
+        head, _, leaf = path.rpartition("/")
+        parent = dirs.get(head)
+        if parent is None:
+            parent = self._mkdirs(vr, dirs, head)
+            if parent is None:
+                return None
+        assert parent.children is not None
+        bleaf = _encode(leaf)
+        existing = parent.children.get(bleaf)
+        if existing is not None:
+            return existing if isinstance(existing, Dir) else None
+        d = Dir(self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(path))), bleaf, vr, parent)
+        parent.children[bleaf] = d
+        self._inodes[d.ino] = d
+        dirs[path] = d
+        return d
+
+    def _make_node(self, vr: VersionRoot, ino: InodeT, name: bytes, row: EntryRow) -> Node:
+        if row.blob is not None:
+            return BlobFile(ino, name, vr, row.size or 0, row.digest, row.blob)
+        ref = row.ref or ""
+        local = local_path_of(ref)
+        if row.digest == ref and row.size is None:
+            # A tracked reference: a symlink to the local path, or to the URI itself.
+            return Link(ino, name, vr, _encode(local if local is not None else ref), row.digest, ref)
+        checked = row.digest != ref
+        good: Fingerprint | None = None
+        fp = row.extra.get("fingerprint") if checked else None
+        if isinstance(fp, dict):
+            try:
+                good = (int(fp["dev"]), int(fp["ino"]), int(fp["size"]), int(fp["mtime_ns"]), int(fp["ctime_ns"]))
+            except (KeyError, TypeError, ValueError):
+                good = None
+        return RefFile(ino, name, vr, row.size or 0, row.digest, path=row.path, ref=ref, local=local,
+                       checked=checked, good=good)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def node(self, ino: InodeT) -> Node:
+        n = self._inodes.get(ino)
+        if n is None:
+            raise NotFound(f"no inode {ino}")
+        return n
+
+    def children(self, d: Dir) -> dict[bytes, Node]:
+        if d.children is None:
+            assert isinstance(d, VersionRoot)
+            self.build(d)
+        assert d.children is not None
+        return d.children
+
+    def lookup(self, parent_ino: InodeT, name: bytes) -> Node:
+        parent = self.node(parent_ino)
+        if not isinstance(parent, Dir):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self._parent_of(parent)
+        n = self.children(parent).get(name)
+        if n is None:
+            raise NotFound(f"no entry {name!r} in inode {parent_ino}")
+        return n
+
+    def _parent_of(self, d: Dir) -> Node:
+        if d.ino == ROOT_INODE:
+            return d
+        if isinstance(d, VersionRoot):
+            return self.node(d.top_ino)
+        return d.parent if d.parent is not None else self.root
+
+    def listing(self, ino: InodeT) -> list[Node]:
+        """The entries of a directory, in a stable order (fuse_ops keeps the list per handle)."""
+        d = self.node(ino)
+        if not isinstance(d, Dir):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return list(self.children(d).values())
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def attr(self, n: Node) -> Attr:
+        vr = n.root
+        if isinstance(n, File):
+            assert vr is not None
+            if isinstance(n, RefFile):
+                uid, gid, mode, size = self._ref_meta(n)
+                return Attr(n.ino, stat.S_IFREG | mode, 1, uid, gid, size, vr.mtime_ns, True, n.checked)
+            return Attr(n.ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, n.size, vr.mtime_ns, True, True)
+        if isinstance(n, Link):
+            in_version = vr is not None
+            mtime = vr.mtime_ns if vr is not None else self._top_mtime()
+            return Attr(n.ino, stat.S_IFLNK | 0o777, 1, self.uid, self.gid, len(n.target), mtime,
+                        in_version, True)
+        if isinstance(n, VersionRoot):
+            # Its contents never change, but the name v<N> goes when the version is deleted.
+            return Attr(n.ino, stat.S_IFDIR | 0o555, 1, self.uid, self.gid, 0, n.mtime_ns, self.single, True)
+        if isinstance(n, (ArtifactDir, TopRoot)):
+            return Attr(n.ino, stat.S_IFDIR | 0o555, 1, self.uid, self.gid, 0, n.mtime_ns, False, False)
+        assert isinstance(n, Dir) and vr is not None
+        # nlink 1 on directories means "not counted" (as btrfs does); find and fts accept it.
+        return Attr(n.ino, stat.S_IFDIR | 0o555, 1, self.uid, self.gid, 0, vr.mtime_ns, True, True)
+
+    def _top_mtime(self) -> int:
+        return getattr(self.root, "mtime_ns", 0)
+
+    def _ref_meta(self, n: RefFile) -> tuple[int, int, int, int]:
+        """Owner, group and mode (without write bits) of the referenced file, and the size to show.
+
+        Checked references show the logged size (the bytes must match it); unchecked ones the
+        live size, since they are served as they are now.
+        """
+        if n.meta is not None and n.checked:
+            uid, gid, mode = n.meta
+            return uid, gid, mode, n.size
+        size = n.size
+        try:
+            st = os.stat(n.local) if n.local is not None else None
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            n.meta = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode) & 0o555)
+            if not n.checked:
+                size = st.st_size
+        elif n.meta is None:
+            n.meta = (self.uid, self.gid, 0o444)
+        uid, gid, mode = n.meta
+        return uid, gid, mode, size
+
+    def readlink(self, n: Node) -> bytes:
+        if not isinstance(n, Link):
+            raise OSError(errno.EINVAL, "not a symlink")
+        return n.target
+
+    def xattrs(self, n: Node) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        if isinstance(n, File):
+            out[XATTR_DIGEST] = n.digest.encode()
+            if isinstance(n, RefFile):
+                out[XATTR_REF] = n.ref.encode()
+        elif isinstance(n, Link) and n.ref is not None:
+            out[XATTR_DIGEST] = (n.digest or "").encode()
+            out[XATTR_REF] = n.ref.encode()
+        return out
+
+    def entry_label(self, n: Node) -> str:
+        """`artifact:vN/path` of a node, for log lines (an error path: it may search the tree)."""
+        vr = n.root
+        if vr is None:
+            return n.name.decode("utf-8", "replace")
+        if isinstance(n, RefFile):
+            return f"{vr.label}/{n.path}"
+        parts: list[bytes] = []
+        cur: Node | None = n
+        if not isinstance(n, Dir):
+            # Files keep no parent pointer (memory): find the directory holding this one.
+            cur = self._find_parent(vr, n)
+            parts.append(n.name)
+        while isinstance(cur, Dir) and not isinstance(cur, VersionRoot):
+            parts.append(cur.name)
+            cur = cur.parent
+        return vr.label + "/" + "/".join(p.decode("utf-8", "replace") for p in reversed(parts))
+
+    @staticmethod
+    def _find_parent(vr: VersionRoot, n: Node) -> Dir | None:
+        stack: list[Dir] = [vr]
+        while stack:
+            d = stack.pop()
+            if d.children is None:
+                continue
+            if d.children.get(n.name) is n:
+                return d
+            stack.extend(c for c in d.children.values() if isinstance(c, Dir))
+        return None
+
+    # -- lookup counts (the kernel's contract, STYLE habit 5) ------------------------------
+
+    def remember(self, n: Node) -> None:
+        """The kernel took one more reference on `n` (lookup or readdirplus)."""
+        ino = n.ino
+        c = self._lookups.get(ino, 0)
+        self._lookups[ino] = c + 1
+        if c == 0 and n.root is not None and n.root is not n:
+            n.root.known += 1
+
+    def forget(self, ino: InodeT, count: int) -> None:
+        c = self._lookups.get(ino, 0) - count
+        if c > 0:
+            self._lookups[ino] = c
+            return
+        self._lookups.pop(ino, None)
+        n = self._inodes.get(ino)
+        if n is None:
+            return
+        with self._table_lock:
+            if ino in self._orphans:
+                self._drop_top(ino)
+            vr = n.root
+            if vr is not None:
+                if vr is not n:
+                    vr.known -= 1
+                if vr.deleted and vr.known <= 0 and self._lookups.get(vr.ino, 0) == 0:
+                    self._free_tree(vr)
+
+    def lookup_count(self, ino: InodeT) -> int:
+        return self._lookups.get(ino, 0)
+
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def open(self, n: Node, *, may_hash: bool) -> OpenFile:
+        """Resolve a file node to an open descriptor holding exactly its logged bytes.
+
+        With `may_hash=False` (the trio thread) raise NeedsHash instead of hashing; the caller
+        repeats the call in a worker thread with `may_hash=True`.
+        """
+        if isinstance(n, BlobFile):
+            return self._open_blob(n.blob, n, may_hash)
+        if isinstance(n, RefFile):
+            return self._open_ref(n, may_hash)
+        if isinstance(n, Dir):
+            raise OSError(errno.EISDIR, "is a directory")
+        raise OSError(errno.EINVAL, "not a regular file")
+
+    def _open_blob(self, oid: str, n: File, may_hash: bool) -> OpenFile:
+        path = self.blobs.path(oid)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.error("%s: blob %s is missing from the store (run `artifactfs fsck`)", self.entry_label(n), oid)
+            raise OSError(errno.EIO, "blob missing") from None
+        if self.verify_blobs and oid not in self._verified_blobs:
+            try:
+                if not may_hash:
+                    raise NeedsHash()
+                got = hash_file(f"/proc/self/fd/{fd}")[0]
+                if got != oid:
+                    log.error("%s: blob %s is corrupt (content hashes to %s); refusing it (EIO)",
+                              self.entry_label(n), oid, got)
+                    raise OSError(errno.EIO, "corrupt blob")
+                self._verified_blobs.add(oid)
+            except BaseException:
+                os.close(fd)
+                raise
+        return OpenFile(fd, n.size, None)
+
+    def _open_ref(self, n: RefFile, may_hash: bool) -> OpenFile:
+        label_done = False
+        fd = -1
+        if n.local is not None:
+            try:
+                fd = os.open(n.local, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                if not n.checked:
+                    log.error("%s: referenced file %s cannot be opened: %s", self.entry_label(n), n.local,
+                              e.strerror)
+                    raise OSError(errno.EIO, "reference unavailable") from None
+        if not n.checked:
+            if fd < 0:
+                log.error("%s: reference %s is not a local file", self.entry_label(n), n.ref)
+                raise OSError(errno.EIO, "reference unavailable")
+            return OpenFile(fd, os.fstat(fd).st_size, None)
+        try:
+            if fd >= 0:
+                fp = _fingerprint(os.fstat(fd))
+                if fp == n.good and not n.in_doubt:
+                    return OpenFile(fd, n.size, n)
+                if fp != n.bad or n.in_doubt:
+                    if not may_hash:
+                        raise NeedsHash()
+                    n.in_doubt = False  # cleared before hashing: a change during the hash re-arms it
+                    got = hash_file(f"/proc/self/fd/{fd}")[0]
+                    if got == n.digest and _fingerprint(os.fstat(fd)) == fp:
+                        n.good = fp
+                        return OpenFile(fd, n.size, n)
+                    n.bad = fp
+                else:
+                    label_done = True  # already reported for this very state of the file
+                os.close(fd)
+                fd = -1
+            elif n.bad == _MISSING:
+                label_done = True
+            else:
+                n.bad = _MISSING
+            # The referenced file changed or went: serve the logged bytes from a blob if the store
+            # has them, else refuse rather than hand out other bytes.
+            if self.blobs.has(n.digest):
+                if not label_done:
+                    log.warning("%s: referenced file %s changed since it was logged; serving the "
+                                "stored copy of its logged content", self.entry_label(n), n.local)
+                return self._open_blob(n.digest, n, may_hash)
+            if not label_done:
+                what = "is missing" if n.bad == _MISSING else "changed"
+                log.error("%s: referenced file %s %s since it was logged and the store has no copy "
+                          "of its content; reading it fails with EIO", self.entry_label(n), n.local, what)
+            raise OSError(errno.EIO, "referenced file changed")
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+
+    def read_check(self, h: OpenFile, off: int, size: int, data: bytes) -> None:
+        """Called by read for references and short reads: raise OSError(EIO) rather than hand
+        out bytes other than the logged ones."""
+        if len(data) < size and off + len(data) < h.size:
+            raise OSError(errno.EIO, "file shorter than logged")
+        n = h.ref
+        if n is not None and n.in_doubt:
+            fp = _fingerprint(os.fstat(h.fd))
+            if fp != n.good:
+                log.error("%s: referenced file %s changed while open; reading it fails with EIO",
+                          self.entry_label(n), n.local)
+                raise OSError(errno.EIO, "referenced file changed")
+
+    def mark_in_doubt(self, path: str) -> None:
+        """A watcher saw `path` change: re-hash its entries at their next open (any thread)."""
+        for n in self._refs_by_path.get(path, ()):
+            n.in_doubt = True
+
+    def watched_dirs(self) -> set[str]:
+        return set(self._watched)
+
+    def statfs_counts(self) -> tuple[int, int]:
+        """(inodes known, versions shown)."""
+        return len(self._inodes), len(self._versions)
