@@ -281,6 +281,8 @@ class Operations(pyfuse3.Operations):
             data = os.pread(h.fd, size, off)
             if h.ref is not None or len(data) < size:
                 self.vfs.read_check(h, off, size, data)
+            if self.debug:
+                log.debug("read(fh %d, off %d, size %d) -> %d bytes", fh, off, size, len(data))
             return data
         except pyfuse3.FUSEError:
             raise

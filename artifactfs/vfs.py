@@ -666,14 +666,16 @@ class VFS:
         n = self._inodes.get(ino)
         if n is None:
             return
-        with self._table_lock:
-            if ino in self._orphans:
-                self._drop_top(ino)
-            vr = n.root
-            if vr is not None:
-                if vr is not n:
-                    vr.known -= 1
-                if vr.deleted and vr.known <= 0 and self._lookups.get(vr.ino, 0) == 0:
+        vr = n.root
+        if vr is not None and vr is not n:
+            vr.known -= 1
+        # The table lock only when something goes: a build in a worker thread may hold it long.
+        if ino in self._orphans or (vr is not None and vr.deleted and vr.known <= 0
+                                    and self._lookups.get(vr.ino, 0) == 0):
+            with self._table_lock:
+                if ino in self._orphans:
+                    self._drop_top(ino)
+                if vr is not None and vr.deleted and vr.known <= 0 and self._lookups.get(vr.ino, 0) == 0:
                     self._free_tree(vr)
 
     def lookup_count(self, ino: InodeT) -> int:

@@ -1,0 +1,93 @@
+"""Daemon pieces that need no mount: logging format, systemd notification, the reference watcher,
+mountpoint checks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from artifactfs import daemon
+
+
+def record(level: int, msg: str) -> logging.LogRecord:
+    return logging.LogRecord("artifactfs", level, __file__, 1, msg, (), None)
+
+
+def test_journal_format_has_priority_prefixes() -> None:
+    f = daemon._Formatter(journal=True)
+    assert f.format(record(logging.INFO, "mounted x")) == "<6>artifactfs: mounted x"
+    assert f.format(record(logging.ERROR, "a\nb")) == "<3>artifactfs: a\n<3>artifactfs: b"
+    assert f.format(record(logging.WARNING, "w")) == "<4>artifactfs: w"
+
+
+def test_plain_format_names_non_info_levels() -> None:
+    f = daemon._Formatter(journal=False)
+    assert f.format(record(logging.INFO, "mounted x")) == "artifactfs: mounted x"
+    assert f.format(record(logging.ERROR, "bad")) == "artifactfs: error: bad"
+
+
+def test_sd_notify_sends_to_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert daemon.sd_notify("READY=1")
+        assert s.recv(100) == b"READY=1"
+
+
+def test_sd_notify_without_socket_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not daemon.sd_notify("READY=1")
+
+
+def test_ref_watcher_reports_changed_files(tmp_path: Path) -> None:
+    (tmp_path / "f.bin").write_bytes(b"a")
+    seen: list[str] = []
+    got = threading.Event()
+
+    def mark(p: str) -> None:
+        seen.append(p)
+        got.set()
+
+    w = daemon._RefWatcher()
+    w.start(mark)
+    try:
+        w.watch(str(tmp_path))
+        time.sleep(0.1)
+        (tmp_path / "f.bin").write_bytes(b"b")
+        assert got.wait(5)
+    finally:
+        w.stop()
+    assert str(tmp_path / "f.bin") in seen
+
+
+def test_check_mountpoint_reasons(tmp_path: Path) -> None:
+    assert daemon.check_mountpoint(str(tmp_path / "missing")) == "mountpoint does not exist"
+    (tmp_path / "f").write_text("x")
+    assert daemon.check_mountpoint(str(tmp_path / "f")) == "mountpoint is not a directory"
+    assert daemon.check_mountpoint(str(tmp_path)) == "mountpoint is not empty"
+    (tmp_path / "empty").mkdir()
+    assert daemon.check_mountpoint(str(tmp_path / "empty")) is None
+
+
+def test_require_fuse_skips_without_fuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusehelpers
+
+    monkeypatch.setattr(fusehelpers, "fuse_available", lambda: (False, "no /dev/fuse here"))
+    monkeypatch.delenv("ARTIFACTFS_REQUIRE_FUSE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no /dev/fuse here"):
+        fusehelpers.require_fuse()
+
+
+def test_require_fuse_fails_instead_of_skipping_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusehelpers
+
+    monkeypatch.setattr(fusehelpers, "fuse_available", lambda: (False, "no /dev/fuse here"))
+    monkeypatch.setenv("ARTIFACTFS_REQUIRE_FUSE", "1")
+    with pytest.raises(pytest.fail.Exception, match="ARTIFACTFS_REQUIRE_FUSE=1"):
+        fusehelpers.require_fuse()
