@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true", help="quarantine corrupt blobs")
     s.set_defaults(func=cmd_fsck)
 
-    s = add("mount", "mount the store (or one version) read-only at MOUNT")
+    s = add("mount", "mount the store (or one version) read-only at MOUNT; returns once the mount is ready. "
+                     "A background daemon logs to $ARTIFACTFS_LOG_FILE, else ~/.local/state/artifactfs/mount.log")
     s.add_argument("mountpoint", metavar="MOUNT")
     s.add_argument("--artifact", metavar="NAME:VERSION", help="mount only this version, at the root of MOUNT")
     s.add_argument("--allow-other", action="store_true", help="let other users read (needs user_allow_other)")

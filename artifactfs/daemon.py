@@ -38,7 +38,7 @@ __all__ = ["mount_command", "umount_command", "sd_notify", "setup_logging", "che
 log = logging.getLogger("artifactfs")
 
 READY_FD_ENV = "ARTIFACTFS_READY_FD"  # the pipe a detached daemon reports readiness on
-LOG_FILE_ENV = "ARTIFACTFS_LOG_FILE"  # where a detached daemon's log goes (else nowhere)
+LOG_FILE_ENV = "ARTIFACTFS_LOG_FILE"  # where a detached daemon's log goes (else default_log_file())
 POLL_SECONDS = 0.5  # catalog generation poll: a new version shows within about a second
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024  # 1 MiB FUSE read requests (measured ~1.6x the 128 KiB default)
@@ -270,6 +270,12 @@ def _report(fd: int | None, message: str) -> None:
         pass
 
 
+def default_log_file() -> str:
+    """$XDG_STATE_HOME/artifactfs/mount.log, else ~/.local/state/artifactfs/mount.log."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "artifactfs", "mount.log")
+
+
 def _spawn_detached(store_root: str, mountpoint: str, *, artifact: str | None, allow_other: bool,
                     debug: bool, verify_reads: bool) -> int:
     argv = [sys.executable, "-m", "artifactfs", "--store", store_root, "mount", mountpoint, "--foreground"]
@@ -287,11 +293,14 @@ def _spawn_detached(store_root: str, mountpoint: str, *, artifact: str | None, a
     # The child is not our systemd unit's main process and does not log to our journal stream.
     env.pop("NOTIFY_SOCKET", None)
     env.pop("JOURNAL_STREAM", None)
-    log_path = env.get(LOG_FILE_ENV)
+    log_path = env.get(LOG_FILE_ENV) or default_log_file()
     err: Any = subprocess.DEVNULL
     try:
-        if log_path:
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
             err = open(log_path, "ab")
+        except OSError:
+            pass  # no log beats no mount: start-up errors still come back through the pipe
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 pass_fds=(w,), start_new_session=True, cwd="/", env=env)
     finally:

@@ -241,6 +241,9 @@ def test_background_mount_returns_once_live_and_ps_shows_the_mountpoint(ds: Stor
     assert run(*artifactfs_cmd(), "umount", mp).returncode == 0
     m.wait_exit(timeout=10)
     assert ds.catalog.get_row("SELECT pid FROM mounts WHERE mountpoint = ?", (str(mp),)) is None
+    # A background daemon's log goes to $XDG_STATE_HOME/artifactfs/mount.log (isolated by conftest).
+    log_text = (Path(os.environ["XDG_STATE_HOME"]) / "artifactfs" / "mount.log").read_text()
+    assert "mounted" in log_text and f" at {mp}" in log_text
 
 
 def test_download_returns_paths_inside_the_mount(ds: Store, mounter: Mounter) -> None:
