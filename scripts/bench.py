@@ -125,7 +125,7 @@ def ingest_tree(tmp: str, runs: int, n_files: int) -> list[Row]:
     base = Row("ingest-tree", "blake3 thread pool (hashing limit)", "files/s")
     first = Row("ingest-tree", "artifactfs log (first)", "files/s", baseline=base.contender)
     again = Row("ingest-tree", "artifactfs log again, unchanged", "files/s", baseline=first.contender)
-    cpr = Row("ingest-tree", "cp -r into the store's filesystem", "files/s")
+    cpr = Row("ingest-tree", "cp -r + sync into the store's filesystem", "files/s")
     first_cp = Row("ingest-tree", "artifactfs log (first) vs cp -r", "files/s", baseline=cpr.contender)
     base_mb = Row("ingest-tree", "blake3 thread pool (hashing limit)", "MB/s")
     first_mb = Row("ingest-tree", "artifactfs log (first)", "MB/s", baseline=base_mb.contender)
@@ -161,7 +161,7 @@ def ingest_large(tmp: str, runs: int, size: int) -> list[Row]:
     make_large(path, size)
     mb = size / 1e6
     base = Row("ingest-large", "blake3 (all threads)", "MB/s")
-    cp = Row("ingest-large", "cp into the store's filesystem", "MB/s")
+    cp = Row("ingest-large", "cp + sync into the store's filesystem", "MB/s")
     log = Row("ingest-large", "artifactfs log", "MB/s", baseline=cp.contender)
     log_vs_hash = Row("ingest-large", "artifactfs log vs blake3", "MB/s", baseline=base.contender)
     again = Row("ingest-large", "artifactfs log again, unchanged", "MB/s", baseline=log.contender)
@@ -169,7 +169,8 @@ def ingest_large(tmp: str, runs: int, size: int) -> list[Row]:
     for r in range(runs):
         base.values.append(mb / timed(lambda: blake3_large(path)))
         dest = os.path.join(tmp, "cp-copy.bin")
-        cp.values.append(mb / timed(lambda: subprocess.run(["cp", path, dest], check=True)))
+        # With a sync: a log returns only once its blobs are durable, so cp must too.
+        cp.values.append(mb / timed(lambda: subprocess.run(["cp", path, dest], check=True) and os.sync()))
         os.unlink(dest)
         store_root = os.path.join(tmp, f"store-large-{r}")
         store = Store(store_root)
