@@ -84,6 +84,7 @@ class BlobStore:
         self.dir = os.path.join(root, "blobs")
         self.tmpdir = os.path.join(self.dir, "tmp")
         self.quarantine_dir = os.path.join(root, "quarantine")
+        self.reflink_ok: bool | None = None  # None: not tried yet on this store
 
     def ensure(self) -> None:
         os.makedirs(self.tmpdir, exist_ok=True)
@@ -125,19 +126,21 @@ class BlobStore:
             os.replace(tmp, dest)
         return True
 
-    def put_bytes(self, data: bytes | memoryview) -> PutResult:
+    def put_bytes(self, data: bytes | memoryview, *, clone_from: int | None = None) -> PutResult:
+        """Store `data`; with `clone_from` (a descriptor of the same bytes) try a reflink first."""
         oid, xxh = hash_bytes(data)
         if self.has(oid):
             self.touch(oid)
             return PutResult(oid, xxh, len(data), False)
         tmp = self._tmp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                if not (clone_from is not None and self._clone_verified(clone_from, fd, oid)):
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
             finally:
                 os.close(fd)
             written = self._install(tmp, oid)
@@ -145,6 +148,23 @@ class BlobStore:
             _unlink_quietly(tmp)
             raise _maybe_full(e) from e
         return PutResult(oid, xxh, len(data), written)
+
+    def _clone_verified(self, src_fd: int, fd: int, oid: Digest) -> bool:
+        """Reflink src_fd into fd where the filesystem can; True only if the clone is `oid`."""
+        if self.reflink_ok is False:
+            return False
+        try:
+            fcntl.ioctl(fd, FICLONE, src_fd)
+        except OSError:
+            self.reflink_ok = False  # ext4, tmpfs, another filesystem: stop asking
+            return False
+        self.reflink_ok = True
+        # The source may have changed since it was hashed: the clone must hold exactly `oid`.
+        if hash_fd(fd)[0] == oid:
+            return True
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return False
 
     def put_file(self, src: str, *, expect: Digest | None = None) -> PutResult:
         """Store a copy of the file `src` (reflink where possible) and return its identity.
@@ -162,7 +182,7 @@ class BlobStore:
         try:
             before = os.fstat(fd_in)
             if before.st_size <= SMALL_FILE:
-                res = self.put_bytes(_read_all(fd_in, before.st_size))
+                res = self.put_bytes(_read_all(fd_in, before.st_size), clone_from=fd_in)
             else:
                 res = self._put_large(fd_in)
             return res, before, os.fstat(fd_in)
@@ -173,10 +193,16 @@ class BlobStore:
         tmp = self._tmp_name()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
-            try:
-                # A reflink shares extents: no bytes move, and our copy cannot change under us.
-                fcntl.ioctl(fd, FICLONE, fd_in)
-            except OSError:
+            cloned = False
+            if self.reflink_ok is not False:
+                try:
+                    # A reflink shares extents: no bytes move, and our copy cannot change under us.
+                    fcntl.ioctl(fd, FICLONE, fd_in)
+                    cloned = True
+                except OSError:
+                    pass
+                self.reflink_ok = cloned
+            if not cloned:
                 copy_fd(fd_in, fd)  # kernel-side copy: the bytes never cross into Python
             # Hash our private copy (hot in the page cache), never the user's file, which may
             # change while we read it.
