@@ -492,7 +492,9 @@ class VFS:
 
     def _make_node(self, vr: VersionRoot, ino: InodeT, name: bytes, row: EntryRow) -> Node:
         if row.blob is not None:
-            return BlobFile(ino, name, vr, row.size or 0, row.digest, row.blob)
+            # One string for both when they are equal (always, for blob entries): memory per entry.
+            blob = row.digest if row.blob == row.digest else row.blob
+            return BlobFile(ino, name, vr, row.size or 0, row.digest, blob)
         ref = row.ref or ""
         local = local_path_of(ref)
         if row.digest == ref and row.size is None:
