@@ -225,6 +225,20 @@ def _fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def link_target(local: str | None, uri: str) -> bytes:
+    """The symlink target of a tracked reference: its local path, else the URI itself.
+
+    A URI is not a path, but the kernel resolves it as a relative one: one with '.' or '..'
+    components (legal in an S3 key) has its slashes escaped, so it can never lead out of its
+    directory.
+    """
+    if local is not None:
+        return _encode(local)
+    if any(part in (".", "..") for part in uri.split("/")):
+        return _encode(uri.replace("%", "%25").replace("/", "%2F"))
+    return _encode(uri)
+
+
 def _encode(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
@@ -499,7 +513,7 @@ class VFS:
         local = local_path_of(ref)
         if row.digest == ref and row.size is None:
             # A tracked reference: a symlink to the local path, or to the URI itself.
-            return Link(ino, name, vr, _encode(local if local is not None else ref), row.digest, ref)
+            return Link(ino, name, vr, link_target(local, ref), row.digest, ref)
         checked = row.digest != ref
         good: Fingerprint | None = None
         fp = row.extra.get("fingerprint") if checked else None
@@ -530,6 +544,8 @@ class VFS:
         parent = self.node(parent_ino)
         if not isinstance(parent, Dir):
             raise OSError(errno.ENOTDIR, "not a directory")
+        if parent.root is not None and parent.root.deleted and name not in (b".", b".."):
+            raise NotFound(f"{parent.root.label} was deleted")
         if name == b".":
             return parent
         if name == b"..":
@@ -560,8 +576,10 @@ class VFS:
         if isinstance(n, File):
             assert vr is not None
             if isinstance(n, RefFile):
+                # Owner and mode follow the referenced file (a revoked permission must apply
+                # through the mount too), so their attributes get the short timeout.
                 uid, gid, mode, size = self._ref_meta(n)
-                return Attr(n.ino, stat.S_IFREG | mode, 1, uid, gid, size, vr.mtime_ns, True, n.checked)
+                return Attr(n.ino, stat.S_IFREG | mode, 1, uid, gid, size, vr.mtime_ns, True, False)
             return Attr(n.ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, n.size, vr.mtime_ns, True, True)
         if isinstance(n, Link):
             in_version = vr is not None
@@ -586,9 +604,6 @@ class VFS:
         Checked references show the logged size (the bytes must match it); unchecked ones the
         live size, since they are served as they are now.
         """
-        if n.meta is not None and n.checked:
-            uid, gid, mode = n.meta
-            return uid, gid, mode, n.size
         size = n.size
         try:
             st = os.stat(n.local) if n.local is not None else None
@@ -614,9 +629,7 @@ class VFS:
             out[XATTR_DIGEST] = n.digest.encode()
             if isinstance(n, RefFile):
                 out[XATTR_REF] = n.ref.encode()
-        elif isinstance(n, Link) and n.ref is not None:
-            out[XATTR_DIGEST] = (n.digest or "").encode()
-            out[XATTR_REF] = n.ref.encode()
+        # Links get none: Linux refuses user.* xattrs on symlinks before asking us.
         return out
 
     def entry_label(self, n: Node) -> str:
@@ -694,6 +707,10 @@ class VFS:
         With `may_hash=False` (the trio thread) raise NeedsHash instead of hashing; the caller
         repeats the call in a worker thread with `may_hash=True`.
         """
+        if n.root is not None and n.root.deleted:
+            # The kernel may still hold this node; a new open of a deleted version finds nothing
+            # (files opened before the delete keep their descriptor and stay readable).
+            raise OSError(errno.ENOENT, f"{n.root.label} was deleted")
         if isinstance(n, BlobFile):
             return self._open_blob(n.blob, n, may_hash)
         if isinstance(n, RefFile):

@@ -368,7 +368,8 @@ def test_tracked_reference_is_a_symlink_to_its_uri(ref_store: tuple[Store, Path]
     node = walk(v, "refs/v0/tracked.bin")
     assert isinstance(node, Link)
     assert v.readlink(node) == b"s3://bucket/key.bin"
-    assert v.xattrs(node)[b"user.artifactfs.ref"] == b"s3://bucket/key.bin"
+    # Linux refuses user.* xattrs on symlinks before asking FUSE: listing them would mislead.
+    assert v.xattrs(node) == {}
 
 
 def test_corrupt_blob_fails_with_eio_when_verifying(two_versions: Store) -> None:
