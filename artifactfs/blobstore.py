@@ -256,7 +256,11 @@ class BlobStore:
                 with os.scandir(d.path) as it:
                     for f in it:
                         if is_oid(f.name) and f.name.startswith(d.name):
-                            yield f.name, f.stat(follow_symlinks=False)
+                            try:
+                                st = f.stat(follow_symlinks=False)
+                            except FileNotFoundError:
+                                continue  # removed meanwhile (another gc)
+                            yield f.name, st
 
     def iter_temp(self) -> Iterator[tuple[str, os.stat_result]]:
         try:
@@ -265,7 +269,11 @@ class BlobStore:
             return
         with it:
             for f in it:
-                yield f.path, f.stat(follow_symlinks=False)
+                try:
+                    st = f.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+                yield f.path, st
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -110,22 +110,45 @@ class Catalog:
             self._local.conn = c
         return c
 
+    def _create(self) -> None:
+        """Build a new catalog in a temp file and link it into place: a catalog file is either
+        whole or absent, so an empty or foreign file is never mistaken for a new store."""
+        tmp = f"{self.path}.new-{os.getpid()}-{threading.get_ident()}"
+        c = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            c.execute("BEGIN")
+            for stmt in _split_sql(resources.files("artifactfs").joinpath("schema.sql").read_text()):
+                c.execute(stmt)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            c.execute("COMMIT")
+            c.execute("PRAGMA journal_mode = WAL")
+        finally:
+            c.close()
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(tmp + suffix)
+                except FileNotFoundError:
+                    pass
+
     def _init(self) -> None:
+        if not os.path.exists(self.path):
+            self._create()
         c = self.conn
-        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise CatalogError(f"catalog {self.path}: cannot switch to WAL mode (got {mode})")
         v = c.execute("PRAGMA user_version").fetchone()[0]
+        if v == 0:
+            raise CatalogError(f"catalog {self.path} is empty or not an artifactfs catalog")
         if v > SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog {self.path} has schema version {v}; this artifactfs knows up to {SCHEMA_VERSION}"
             )
-        if v < SCHEMA_VERSION:
-            sql = resources.files("artifactfs").joinpath("schema.sql").read_text()
-            with self.transaction():
-                for stmt in _split_sql(sql):
-                    c.execute(stmt)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise CatalogError(f"catalog {self.path}: cannot switch to WAL mode (got {mode})")
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)
@@ -220,18 +243,18 @@ class Catalog:
             "SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias = 'latest' DESC, alias", (vid,))]
 
     def entries(self, vid: int) -> list[EntryRow]:
-        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in self.query(
+        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6])) for r in self.query(
             "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries WHERE version_id = ? ORDER BY path",
             (vid,))]
 
     def entry(self, vid: int, path: str) -> EntryRow | None:
         r = self.get_row("SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
                          "WHERE version_id = ? AND path = ?", (vid, path))
-        return None if r is None else EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]))
+        return None if r is None else EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]))
 
     def entries_under(self, vid: int, prefix: str) -> list[EntryRow]:
         # Range scan on the primary key: every path starting with prefix.
-        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in self.query(
+        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6])) for r in self.query(
             "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
             "WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path", (vid, prefix, prefix + "\U0010ffff"))]
 
@@ -296,6 +319,16 @@ class Catalog:
     @staticmethod
     def bump_generation(c: sqlite3.Connection) -> None:
         c.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+
+def _extra(path: str, text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise CatalogError(f"entry {path!r} has a malformed extra field (run `artifactfs fsck`)")
+    return value
 
 
 def _split_sql(sql: str) -> list[str]:

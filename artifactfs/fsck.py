@@ -125,8 +125,9 @@ class Fsck:
         """Each version's digest is the digest of its entries (no row added, lost or changed)."""
         for vid, name, idx, digest in self.cat.query(
                 "SELECT v.id, a.name, v.idx, v.digest FROM versions v JOIN artifacts a ON a.id = v.artifact_id"):
-            rows = self.cat.entries(vid)
-            got = manifest_digest(ManifestEntry(r.path, r.digest, r.size, r.ref) for r in rows)
+            # Raw columns: a malformed extra field is check_blob_rows' to report, not a crash here.
+            rows = self.cat.query("SELECT path, digest, size, ref FROM entries WHERE version_id = ?", (vid,))
+            got = manifest_digest(ManifestEntry(*r) for r in rows)
             if got != digest:
                 self._damage("bad-manifest", f"entries of {name}:v{idx} do not match its manifest digest",
                              None, [f"{name}:v{idx}"])
@@ -153,7 +154,7 @@ class Fsck:
             try:
                 if not isinstance(json.loads(extra), dict):
                     raise ValueError
-            except ValueError:
+            except (TypeError, ValueError):
                 self._damage("bad-row", f"entry {path!r} has a malformed extra field", None, [f"{name}:v{idx}"])
 
     def check_latest_alias(self) -> None:

@@ -8,7 +8,8 @@ from typing import NamedTuple
 from .errors import InvalidName
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)\Z")
+# At most 18 digits: every v<N> fits the catalog's 64-bit integers.
+VERSION_RE = re.compile(r"v(0|[1-9][0-9]{0,17})\Z")
 MAX_NAME = 128
 MAX_COMPONENT_BYTES = 255
 

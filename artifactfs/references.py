@@ -52,6 +52,11 @@ class PendingArtifactRef:
 
 
 def file_uri(path: str) -> str:
+    """The file:// URI of a local path; a path that is not valid UTF-8 is refused, naming it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName(f"cannot reference {path!r}: its name is not valid UTF-8") from None
     return "file://" + urllib.parse.quote(path, safe="/")
 
 
@@ -97,6 +102,8 @@ def _expand_file(uri: str, name: str | None, checksum: bool, max_objects: int) -
         st = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"reference {uri!r}: no such file or directory: {path}") from None
+    except OSError as e:
+        raise ReferenceError_(f"reference {uri!r}: {e.strerror}") from None
     out: list[tuple[str, FileRef | Tracked]] = []
     if stat.S_ISREG(st.st_mode):
         entry = names.check_entry_path(name if name is not None else os.path.basename(path.rstrip("/")))

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -139,7 +140,9 @@ class Store:
         try:
             hashed = ingest(jobs, self.blobs, self.catalog, progress=progress)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e.filename or e}: vanished before it was logged") from None
+            if e.filename in {j.src for j in jobs}:
+                raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
+            raise
         for (path, item), h in zip(job_paths, hashed):
             if isinstance(item, LocalFile):
                 entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {})
@@ -292,7 +295,8 @@ class Store:
                 if progress:
                     progress(i + 1, len(candidates))
             for path, st in self.blobs.iter_temp():
-                if st.st_mtime < cutoff:
+                # A temp file of a live writer (its PID leads the name) is work in progress.
+                if st.st_mtime < cutoff and not _pid_alive(_temp_owner(path)):
                     if not dry_run:
                         try:
                             os.unlink(path)
@@ -343,7 +347,15 @@ def _check_tree_shape(paths: list[str]) -> None:
         raise InvalidName(f"entry {clash[0]!r} is both a file and a directory of other entries")
 
 
+def _temp_owner(path: str) -> int:
+    """The PID in a blob temp file's name (`<pid>-<thread>-<n>.tmp`), or 0 if it has none."""
+    head = os.path.basename(path).split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -417,8 +429,8 @@ class ArtifactVersion:
 
     def get(self, name: str) -> Any:
         """The object stored with `Artifact.add(obj, name)`."""
-        path = name if name.endswith(".json") else name + ".json"
-        e = self.get_path(path)
+        path = names.check_entry_path(name)
+        e = self.get_path(path if path.endswith(".json") else path + ".json")
         with open(self._readable_path(e), "rb") as f:
             return json.loads(f.read())
 
@@ -580,24 +592,23 @@ def _replace_with_symlink(target: str, dest: str) -> None:
 
 
 def _copy_readonly(src: str, dest: str, expect: str | None = None) -> None:
-    """Reflink or copy src to dest through a temp file (rename replaces a symlink at dest
-    instead of following it); the result is read-only."""
+    """Reflink or copy src to dest through a fresh temp file in dest's directory (rename
+    replaces a symlink at dest instead of following it); the result is read-only."""
     if os.path.isdir(dest) and not os.path.islink(dest):
         shutil.rmtree(dest)
-    tmp = f"{dest}.artifactfs-{os.getpid()}.tmp"
-    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    fd_out, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".artifactfs-", suffix=".tmp")
     try:
-        fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
+            fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fcntl.ioctl(fd_out, FICLONE, fd_in)
-            except OSError:
-                copy_fd(fd_in, fd_out)
+                try:
+                    fcntl.ioctl(fd_out, FICLONE, fd_in)
+                except OSError:
+                    copy_fd(fd_in, fd_out)
+            finally:
+                os.close(fd_in)
         finally:
             os.close(fd_out)
-    finally:
-        os.close(fd_in)
-    try:
         if expect is not None and hash_file(tmp)[0] != expect:
             raise DigestMismatch(f"{src} changed while it was copied to {dest}")
         os.chmod(tmp, 0o444)

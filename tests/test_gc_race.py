@@ -1,0 +1,222 @@
+"""gc running while a log is in progress never deletes a blob that the log then refers to.
+
+The in-process tests run gc from a second Store (its own catalog connection, as another process
+would have) at a chosen moment of a log; the stress test runs loggers and a gc loop as separate
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from artifactfs import Artifact, ArtifactFSError, Store
+from artifactfs.blobstore import BlobStore
+
+
+def draft(data_dir: Path, name: str = "ds") -> Artifact:
+    art = Artifact(name, type="dataset")
+    art.add_dir(data_dir)
+    with art.new_file("staged.txt") as f:
+        f.write("staged content, never logged before\n")
+    return art
+
+
+def gc_at_first_sync(store: Store, other: Store, monkeypatch: pytest.MonkeyPatch, grace: float = 0,
+                     also=None) -> list:
+    """Make `other` collect garbage right after the log's blobs are written and synced, before its
+    catalog transaction begins (once). Returns the list the gc reports go to."""
+    reports: list = []
+    orig = store.blobs.sync
+
+    def sync_then_gc() -> None:
+        orig()
+        if not reports:
+            if also is not None:
+                also()
+            reports.append(other.gc(grace_seconds=grace))
+
+    monkeypatch.setattr(store.blobs, "sync", sync_then_gc)
+    return reports
+
+
+def test_blobs_collected_before_the_commit_are_written_again(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reports = gc_at_first_sync(store, open_store(store.root), monkeypatch)
+    v = store.log_artifact(draft(data_dir))
+    assert reports[0].blobs_freed > 0, "the race did not happen: gc found nothing to collect"
+    v.verify()
+
+
+def test_fsck_is_clean_after_gc_raced_a_log(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gc_at_first_sync(store, open_store(store.root), monkeypatch)
+    store.log_artifact(draft(data_dir))
+    report = store.fsck()
+    assert report.ok, [str(d) for d in report.damage]
+
+
+def test_blobs_of_a_stat_cache_hit_collected_before_the_commit_are_written_again(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # v0 fills the stat cache; once deleted, its blobs are garbage the next log only touches.
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    store.delete("ds:v0")
+    reports = gc_at_first_sync(store, open_store(store.root), monkeypatch)
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v = store.log_artifact(art)
+    assert reports[0].blobs_freed > 0
+    v.verify()
+
+
+def test_gc_with_its_grace_period_frees_nothing_a_running_log_wrote(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reports = gc_at_first_sync(store, open_store(store.root), monkeypatch, grace=3600)
+    store.log_artifact(draft(data_dir))
+    assert reports[0].blobs_freed == 0
+
+
+def test_gc_during_a_blob_write_does_not_fail_the_log(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc(grace_seconds=0) between a blob's temp write and its rename: the temp file belongs to a
+    live writer (its PID is in the name), so the log must still succeed."""
+    other = open_store(store.root)
+    orig = BlobStore._install
+    ran: list = []
+
+    def gc_then_install(self: BlobStore, tmp: str, oid: str) -> bool:
+        if not ran:
+            ran.append(other.gc(grace_seconds=0))
+        return orig(self, tmp, oid)
+
+    monkeypatch.setattr(BlobStore, "_install", gc_then_install)
+    v = store.log_artifact(draft(data_dir))
+    v.verify()
+
+
+def test_artifact_reference_whose_target_is_collected_mid_log_is_refused(
+        store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = Artifact("base", type="dataset")
+    with base.new_file("x.txt") as f:
+        f.write("only in base:v0\n")
+    store.log_artifact(base)
+    other = open_store(store.root)
+    gc_at_first_sync(store, other, monkeypatch, also=lambda: other.delete("base:v0"))
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/x.txt")
+    with pytest.raises(ArtifactFSError):
+        store.log_artifact(art)
+    assert "derived" not in store.artifacts()
+    assert store.fsck().ok
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+LOGGER = r'''
+import json, random, sys, time
+from artifactfs import Artifact, Store
+root, worker, start, stop = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+rng = random.Random(worker)
+# A small pool of contents shared by every worker: blobs are reused across versions, so a blob
+# that a delete made garbage is often what the next log needs.
+POOL = [f"shared content {i}\n".encode() * (i + 1) for i in range(8)]
+while time.time() < start:
+    time.sleep(0.001)
+store = Store(root)
+mine = []
+n = 0
+while time.time() < stop:
+    art = Artifact("ds", type="dataset")
+    for j in range(5):
+        with art.new_file(f"f{j}.bin", mode="wb") as f:
+            f.write(POOL[rng.randrange(len(POOL))])
+    with art.new_file("own.txt") as f:
+        f.write(f"worker {worker} log {n}\n")
+    v = store.log_artifact(art)
+    print(json.dumps({"index": v.index, "digest": v.digest}), flush=True)
+    mine.append(v.version)
+    if len(mine) > 1 and rng.random() < 0.6:
+        store.delete("ds:" + mine.pop(0))
+    n += 1
+'''
+
+GC_LOOP = r'''
+import sys, time
+from artifactfs import Store
+root, start, stop = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+store = Store(root)
+freed = runs = 0
+while time.time() < stop:
+    freed += store.gc(grace_seconds=0).blobs_freed
+    runs += 1
+print(freed, runs, flush=True)
+'''
+
+LOGGERS = 4
+STRESS_SECONDS = 3.0
+
+
+@pytest.fixture(scope="module")
+def stressed(tmp_path_factory: pytest.TempPathFactory):
+    """A store after 4 loggers (deleting some of their versions) and a gc loop ran together."""
+    root = tmp_path_factory.mktemp("gc-stress") / "store"
+    Store(root).close()
+    start = time.time() + 1.0
+    stop = start + STRESS_SECONDS
+    procs = [subprocess.Popen([sys.executable, "-c", LOGGER, str(root), str(w), str(start), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(LOGGERS)]
+    procs.append(subprocess.Popen([sys.executable, "-c", GC_LOOP, str(root), str(start), str(stop)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return root, procs, results
+
+
+def test_loggers_racing_gc_all_succeed(stressed) -> None:
+    _root, procs, results = stressed
+    for p, (_out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+
+
+def test_gc_loop_freed_blobs_during_the_stress(stressed) -> None:
+    _root, _procs, results = stressed
+    freed, runs = map(int, results[-1][0].split())
+    assert runs > 1 and freed > 0, "the gc loop never collected anything: no race was exercised"
+
+
+def test_fsck_is_clean_after_loggers_raced_gc(stressed, open_store) -> None:
+    root, _procs, _results = stressed
+    report = open_store(root).fsck()
+    assert report.ok, [str(d) for d in report.damage]
+
+
+def test_every_surviving_version_verifies_after_loggers_raced_gc(stressed, open_store) -> None:
+    root, _procs, results = stressed
+    logged = {}
+    for out, _err in results[:LOGGERS]:
+        for line in out.split("\n"):
+            if line:
+                rec = json.loads(line)
+                logged[rec["index"]] = rec["digest"]
+    s = open_store(root)
+    versions = s.versions("ds")
+    assert versions, "every version was deleted: nothing to check"
+    for v in versions:
+        assert v.digest == logged[v.index], f"{v.qualified_name} is not what its logger logged"
+        assert v.file_count == 6
+        v.verify()
