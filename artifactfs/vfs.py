@@ -436,10 +436,9 @@ class VFS:
         with self._build_lock:
             if vr.children is not None:
                 return
-            rows = self.catalog.entries(vr.vid)
             t0 = time.monotonic()
-            self._build_from_rows(vr, rows)
-            log.debug("built %s: %d entries in %.3f s", vr.label, len(rows), time.monotonic() - t0)
+            self._build_from_rows(vr, self.catalog.iter_entries(vr.vid))
+            log.debug("built %s in %.3f s", vr.label, time.monotonic() - t0)
 
     def _build_from_rows(self, vr: VersionRoot, rows: Iterable[EntryRow]) -> None:
         vid = vr.vid
