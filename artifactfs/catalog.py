@@ -256,6 +256,38 @@ class Catalog:
         except sqlite3.Error as e:
             raise _map_error(e, self.path) from e
 
+    def dir_children(self, vid: int, prefix: str) -> Iterator[EntryRow | str]:
+        """The immediate children of directory `prefix` ("" or "a/b/") of a version: an
+        EntryRow per file, the name (str) of each subdirectory, in path order.
+
+        A skip scan over the (version_id, path) key: the rows below a subdirectory are jumped
+        over with one index seek, so listing a directory costs its own children, not its subtree.
+        The cursor is stepped lazily: SQLite reads no row we do not look at.
+        """
+        # Paths in the subtree of P + name are >= P + name + "/" and < P + name + "0".
+        cols = "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries WHERE version_id = ? AND path >= ?"
+        start = prefix
+        try:
+            while True:
+                if prefix:
+                    cur = self.conn.execute(f"{cols} AND path < ? ORDER BY path", (vid, start, prefix[:-1] + "0"))
+                else:
+                    cur = self.conn.execute(f"{cols} ORDER BY path", (vid, start))
+                for r in cur:
+                    rest = r[0][len(prefix):]
+                    slash = rest.find("/")
+                    if slash >= 0:
+                        name = rest[:slash]
+                        yield name
+                        start = prefix + name + "0"
+                        break
+                    yield EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]))
+                else:
+                    return
+                cur.close()
+        except sqlite3.Error as e:
+            raise _map_error(e, self.path) from e
+
     def entry(self, vid: int, path: str) -> EntryRow | None:
         r = self.get_row("SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
                          "WHERE version_id = ? AND path = ?", (vid, path))

@@ -168,15 +168,15 @@ class Operations(pyfuse3.Operations):
         return e
 
     async def _built(self, ino: InodeT) -> None:
-        """Build a version's tree on first access, in a worker thread (it runs SQL), once."""
-        vr = self.vfs.unbuilt(ino)
-        if vr is None:
+        """Load a version directory on first access, in a worker thread (it runs SQL), once."""
+        d = self.vfs.unbuilt(ino)
+        if d is None:
             return
-        lock = self._build_locks.setdefault(vr.vid, trio.Lock())
+        lock = self._build_locks.setdefault(ino, trio.Lock())
         async with lock:
-            if vr.children is None:
-                await trio.to_thread.run_sync(self.vfs.build, vr)
-        self._build_locks.pop(vr.vid, None)
+            if d.children is None:
+                await trio.to_thread.run_sync(self.vfs.build, d)
+        self._build_locks.pop(ino, None)
 
     async def refresh(self) -> bool:
         """Pick up catalog changes: rebuild the top layer and invalidate what changed.

@@ -424,21 +424,91 @@ class VFS:
 
     # -- version trees ---------------------------------------------------------------------
 
-    def unbuilt(self, ino: InodeT) -> VersionRoot | None:
-        """The version root `ino` if its tree is not built yet (fuse_ops builds it in a thread)."""
+    # A version of at most this many entries is built whole on first access (one query);
+    # a bigger one a directory at a time, when each is first looked at (a skip scan each).
+    LAZY_THRESHOLD = 50_000
+
+    def unbuilt(self, ino: InodeT) -> Dir | None:
+        """The directory `ino` if its entries are not loaded yet (fuse_ops loads it in a thread)."""
         n = self._inodes.get(ino)
-        if isinstance(n, VersionRoot) and n.children is None:
+        if isinstance(n, Dir) and n.children is None:
             return n
         return None
 
-    def build(self, vr: VersionRoot) -> None:
-        """Build a version's tree from the catalog (once; safe to call from a worker thread)."""
+    def build(self, d: Dir) -> None:
+        """Load a directory of a version from the catalog (once; safe from a worker thread)."""
         with self._build_lock:
-            if vr.children is not None:
+            if d.children is not None:
                 return
+            vr = d.root
+            assert vr is not None
             t0 = time.monotonic()
-            self._build_from_rows(vr, self.catalog.iter_entries(vr.vid))
-            log.debug("built %s in %.3f s", vr.label, time.monotonic() - t0)
+            if d is vr:
+                row = self.catalog.version_by_id(vr.vid)
+                n = row.n_entries if row is not None else 0
+                if n <= self.LAZY_THRESHOLD:
+                    self._build_from_rows(vr, self.catalog.iter_entries(vr.vid))
+                    log.debug("built %s (%d entries) in %.3f s", vr.label, n, time.monotonic() - t0)
+                    return
+            self._load_dir(vr, d)
+            log.debug("loaded %s/%s in %.3f s", vr.label, self._dir_path(d), time.monotonic() - t0)
+
+    @staticmethod
+    def _dir_path(d: Dir) -> str:
+        """"" for a version root, else "a/b/" (the catalog prefix of its entries)."""
+        parts: list[bytes] = []
+        cur: Dir | None = d
+        while cur is not None and not isinstance(cur, VersionRoot):
+            parts.append(cur.name)
+            cur = cur.parent
+        return "".join(p.decode("utf-8", "surrogateescape") + "/" for p in reversed(parts))
+
+    def _load_dir(self, vr: VersionRoot, d: Dir) -> None:
+        prefix = self._dir_path(d)
+        children: dict[bytes, Node] = {}
+        new_watch: list[str] = []
+        with self._table_lock:
+            for item in self.catalog.dir_children(vr.vid, prefix):
+                if isinstance(item, str):
+                    bname = _encode(item)
+                    if bname in children:
+                        # The file of the same name came first (it sorts first): keep it, as a
+                        # whole build does.
+                        log.warning("%s: entries under %r skipped: the path is also a file", vr.label, prefix + item)
+                        continue
+                    sub = Dir(self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(prefix + item))), bname, vr, d)
+                    sub.children = None  # loaded when first looked at
+                    children[bname] = sub
+                    self._inodes[sub.ino] = sub
+                    continue
+                bleaf = _encode(item.path[len(prefix):])
+                if bleaf in children:
+                    log.warning("%s: entry %r skipped: the path is also a directory", vr.label, item.path)
+                    continue
+                ino = self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(item.path)))
+                node = self._make_node(vr, ino, bleaf, item)
+                children[bleaf] = node
+                self._inodes[ino] = node
+                self._track_ref(node, new_watch)
+            d.children = children  # published last: readers see all or nothing
+        self._watch_new(new_watch)
+
+    def _track_ref(self, node: Node, new_watch: list[str]) -> None:
+        """Index a checked reference by its local path, for the watcher (caller holds the lock)."""
+        if isinstance(node, RefFile) and node.checked and node.local is not None:
+            self._refs_by_path.setdefault(node.local, []).append(node)
+            d = os.path.dirname(node.local)
+            if d not in self._watched:
+                self._watched.add(d)
+                new_watch.append(d)
+
+    def _watch_new(self, new_watch: list[str]) -> None:
+        if self.watch is not None:
+            for d in new_watch:
+                try:
+                    self.watch(d)
+                except Exception:  # a watcher failure must not make the version unreadable
+                    log.warning("cannot watch %s for changes; relying on stat checks", d, exc_info=True)
 
     def _build_from_rows(self, vr: VersionRoot, rows: Iterable[EntryRow]) -> None:
         vid = vr.vid
@@ -467,23 +537,13 @@ class VFS:
                 node = self._make_node(vr, ino, bleaf, row)
                 parent.children[bleaf] = node
                 self._inodes[ino] = node
-                if isinstance(node, RefFile) and node.checked and node.local is not None:
-                    self._refs_by_path.setdefault(node.local, []).append(node)
-                    d = os.path.dirname(node.local)
-                    if d not in self._watched:
-                        self._watched.add(d)
-                        new_watch.append(d)
+                self._track_ref(node, new_watch)
             # Directories made for the tree point at the real version root, not the temporary one.
             for d in dirs.values():
                 if d.parent is tmp_root:
                     d.parent = vr
             vr.children = children
-        if self.watch is not None:
-            for d in new_watch:
-                try:
-                    self.watch(d)
-                except Exception:  # a watcher failure must not make the version unreadable
-                    log.warning("cannot watch %s for changes; relying on stat checks", d, exc_info=True)
+        self._watch_new(new_watch)
 
     def _mkdirs(self, vr: VersionRoot, dirs: dict[str, Dir], path: str) -> Dir | None:
         head, _, leaf = path.rpartition("/")
@@ -534,7 +594,6 @@ class VFS:
 
     def children(self, d: Dir) -> dict[bytes, Node]:
         if d.children is None:
-            assert isinstance(d, VersionRoot)
             self.build(d)
         assert d.children is not None
         return d.children
