@@ -22,15 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifactfs import Artifact, Store
+from artifactfs import Store
+from helpers import log_files
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> Any:
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=list(aliases))
 
 
 def read_range(path: str | os.PathLike[str], off: int, n: int, *, uncached: bool, use_mmap: bool = False) -> bytes:

@@ -16,19 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs import Artifact, CatalogError, Store
+from artifactfs import CatalogError, Store
 from artifactfs.manifest import ManifestEntry, manifest_digest
+from helpers import log_files
 
 FILES_V0 = {"a.txt": b"A\n", "shared.txt": b"in both versions\n", "d/deep.txt": b"deep\n"}
 FILES_V1 = {"a.txt": b"A, changed\n", "shared.txt": b"in both versions\n", "d/deep.txt": b"deep\n"}
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases=()):
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=aliases)
 
 
 @pytest.fixture

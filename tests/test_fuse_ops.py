@@ -11,19 +11,14 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from artifactfs import Artifact, DigestMismatch, NotFound, Store
+from artifactfs import DigestMismatch, NotFound, Store
 from artifactfs.fuse_ops import LONG_TIMEOUT, SHORT_TIMEOUT, Operations
 from artifactfs.vfs import ROOT_INODE, VFS, Invalidation
+from helpers import log_files
 
 CTX: Any = None  # handlers ignore the request context
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> Any:
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=list(aliases))
 
 
 class FakeInvalidator:

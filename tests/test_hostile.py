@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from artifactfs import Artifact, ArtifactFSError, InvalidName, Store
 from artifactfs.names import check_entry_path
+from helpers import log_files
 
 _props = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -28,12 +29,6 @@ REFUSALS = (ArtifactFSError, ValueError)
 BASE_FILES = {"x.txt": b"x\n", "d/y.txt": b"y\n", "d/e/z.txt": b"z\n"}
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases=()):
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=aliases)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
 from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, pid_alive, require_fuse  # noqa: F401
+from helpers import log_files
 
 pytestmark = pytest.mark.fuse
 
@@ -32,12 +33,6 @@ FILES = {
 }
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> Any:
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=list(aliases))
 
 
 def run(*cmd: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:

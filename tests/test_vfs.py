@@ -17,14 +17,9 @@ from artifactfs.references import file_uri
 from artifactfs.vfs import (
     ROOT_INODE, VFS, BlobFile, Dir, Link, NeedsHash, RefFile, VersionInfo, VersionRoot,
 )
+from helpers import log_files
 
 
-def log_files(store: Store, name: str, files: dict[str, bytes], aliases: tuple[str, ...] = ()) -> Any:
-    art = Artifact(name, type="dataset")
-    for path, data in files.items():
-        with art.new_file(path, mode="wb") as f:
-            f.write(data)
-    return store.log_artifact(art, aliases=list(aliases))
 
 
 def make_vfs(store: Store, **kw: Any) -> VFS:

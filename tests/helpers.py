@@ -1,0 +1,16 @@
+"""Small helpers shared by test modules (fixtures live in conftest.py and fusehelpers.py)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from artifactfs import Artifact, ArtifactVersion, Store
+
+
+def log_files(store: Store, name: str, files: dict[str, bytes], aliases: Iterable[str] = ()) -> ArtifactVersion:
+    """Log `files` (entry path -> bytes) as a new version of dataset `name`."""
+    art = Artifact(name, type="dataset")
+    for path, data in files.items():
+        with art.new_file(path, mode="wb") as f:
+            f.write(data)
+    return store.log_artifact(art, aliases=list(aliases))
