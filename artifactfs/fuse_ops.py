@@ -29,6 +29,10 @@ __all__ = ["Operations", "Invalidator", "LONG_TIMEOUT", "SHORT_TIMEOUT"]
 
 log = logging.getLogger("artifactfs.fuse")
 
+# pyfuse3 with our patch (pyfuse3-opendir-cache.patch, built by scripts/setup-env) lets opendir
+# ask the kernel to cache a directory's listing; stock pyfuse3 cannot.
+CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
+
 InodeT = pyfuse3.InodeT
 FileHandleT = pyfuse3.FileHandleT
 
@@ -232,12 +236,16 @@ class Operations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT | pyfuse3.FileInfo:
         await self._built(inode)
         # The listing is taken once per handle: offsets stay valid while the top layer changes.
         listing = self.vfs.listing(inode)
         fh = next(self._dir_fh)
         self._dirs[fh] = listing
+        if CACHE_READDIR and self.vfs.node(inode).root is not None:
+            # A version's directories never change: the kernel may keep their listings
+            # (the patched pyfuse3 that setup-env builds turns this into FOPEN_CACHE_DIR).
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         return fh
 
     @_boundary

@@ -12,6 +12,7 @@ import pyfuse3
 import pytest
 
 from artifactfs import DigestMismatch, NotFound, Store
+from artifactfs import fuse_ops
 from artifactfs.fuse_ops import LONG_TIMEOUT, SHORT_TIMEOUT, Operations
 from artifactfs.vfs import ROOT_INODE, VFS, Invalidation
 from helpers import log_files
@@ -167,11 +168,32 @@ async def test_every_modifying_call_is_erofs(ops: Operations, method: str) -> No
     assert ei.value.errno == errno.EROFS
 
 
+def dir_handle(answer: int | pyfuse3.FileInfo) -> int:
+    return answer.fh if isinstance(answer, pyfuse3.FileInfo) else answer
+
+
+def test_set_up_installed_the_patched_pyfuse3() -> None:
+    """scripts/setup-env builds pyfuse3 with pyfuse3-opendir-cache.patch (cached listings)."""
+    assert getattr(pyfuse3, "OPENDIR_FILEINFO", False) is True
+    assert fuse_ops.CACHE_READDIR
+
+
+@pytest.mark.trio
+async def test_version_directories_let_the_kernel_cache_their_listing(ops: Operations) -> None:
+    version_dir = await lookup_path(ops, "ds/v1/many")
+    answer = await ops.opendir(version_dir.st_ino, CTX)
+    assert isinstance(answer, pyfuse3.FileInfo) and answer.keep_cache
+    # Artifact directories change when versions are logged: their listings are never cached.
+    artifact_dir = await lookup_path(ops, "ds")
+    assert isinstance(await ops.opendir(artifact_dir.st_ino, CTX), int)
+    assert isinstance(await ops.opendir(pyfuse3.ROOT_INODE, CTX), int)
+
+
 @pytest.mark.trio
 async def test_readdir_resumes_at_stable_offsets_and_counts_lookups(ops: Operations,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     d = await lookup_path(ops, "ds/v1/many")
-    fh = await ops.opendir(d.st_ino, CTX)
+    fh = dir_handle(await ops.opendir(d.st_ino, CTX))
     first = FakeReaddir(room=20)
     monkeypatch.setattr(pyfuse3, "readdir_reply", first)
     await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
