@@ -155,7 +155,9 @@ class Store:
         try:
             self.blobs.sync()  # every blob durable before the transaction that names it commits
         except OSError as e:
-            raise StoreFull(e.errno or errno.EIO, f"cannot sync the store: {e.strerror}") from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
+            raise
         now = time.time()
         with self.catalog.transaction() as c:
             row = c.execute("SELECT id, type, next_index FROM artifacts WHERE name = ?",

@@ -60,12 +60,15 @@ class NeedsHash(Exception):
 
 
 class Node:
-    __slots__ = ("ino", "name", "root")
+    # nlookup: the kernel's lookup count on this node, kept in the node rather than in a dict
+    # keyed by inode (a dict entry per known inode cost ~40-80 bytes at a million entries).
+    __slots__ = ("ino", "name", "root", "nlookup")
 
     def __init__(self, ino: InodeT, name: bytes, root: VersionRoot | None) -> None:
         self.ino = ino
         self.name = name
         self.root = root  # the version this node belongs to; None for the top layer
+        self.nlookup = 0
 
 
 class Dir(Node):
@@ -276,7 +279,6 @@ class VFS:
         self.watch = watch  # called with each new directory holding checked references
         self.single = version is not None
         self._inodes: dict[InodeT, Node] = {}
-        self._lookups: dict[InodeT, int] = {}
         self._table_lock = threading.Lock()  # inode table writes (builds run in worker threads)
         self._build_lock = threading.Lock()
         self._top_keys: dict[InodeT, bytes] = {}  # top-layer inode -> its key
@@ -353,6 +355,7 @@ class VFS:
                 newest = max(newest, mtime)
                 ino = self._top_ino(b"a\x00" + bname)
                 adir = ArtifactDir(ino, bname, root, mtime)
+                self._carry_lookups(adir)
                 assert adir.children is not None
                 for idx in sorted(a.versions):
                     vid, created = a.versions[idx]
@@ -373,6 +376,7 @@ class VFS:
                     # never serves a cached symlink target after an invalidation.
                     lino = self._top_ino(b"l\x00%s\x00%s\x00%d" % (bname, balias, idx))
                     link = Link(lino, balias, None, b"v%d" % idx)
+                    self._carry_lookups(link)
                     adir.children[balias] = link
                     self._inodes[lino] = link
                     shown.add(lino)
@@ -404,17 +408,23 @@ class VFS:
                 if node is None:
                     self._top_keys.pop(ino, None)
                     continue
-                if self._lookups.get(ino, 0) > 0:
+                if node.nlookup > 0:
                     self._orphans.add(ino)
                 else:
                     self._drop_top(ino)
             for vid in [v for v in self._versions if v not in live_vids]:
                 vr = self._versions.pop(vid)
                 vr.deleted = True
-                if vr.known == 0 and self._lookups.get(vr.ino, 0) == 0:
+                if vr.known == 0 and vr.nlookup == 0:
                     self._free_tree(vr)
         self.generation = snap.generation
         return Invalidation(entries, inodes)
+
+    def _carry_lookups(self, new: Node) -> None:
+        """A top-layer node rebuilt under the inode of an old one inherits its lookup count."""
+        old = self._inodes.get(new.ino)
+        if old is not None:
+            new.nlookup = old.nlookup
 
     def _drop_top(self, ino: InodeT) -> None:
         self._inodes.pop(ino, None)
@@ -740,35 +750,34 @@ class VFS:
 
     def remember(self, n: Node) -> None:
         """The kernel took one more reference on `n` (lookup or readdirplus)."""
-        ino = n.ino
-        c = self._lookups.get(ino, 0)
-        self._lookups[ino] = c + 1
+        c = n.nlookup
+        n.nlookup = c + 1
         if c == 0 and n.root is not None and n.root is not n:
             n.root.known += 1
 
     def forget(self, ino: InodeT, count: int) -> None:
-        c = self._lookups.get(ino, 0) - count
-        if c > 0:
-            self._lookups[ino] = c
-            return
-        self._lookups.pop(ino, None)
         n = self._inodes.get(ino)
         if n is None:
             return
+        c = n.nlookup - count
+        if c > 0:
+            n.nlookup = c
+            return
+        n.nlookup = 0
         vr = n.root
         if vr is not None and vr is not n:
             vr.known -= 1
         # The table lock only when something goes: a build in a worker thread may hold it long.
-        if ino in self._orphans or (vr is not None and vr.deleted and vr.known <= 0
-                                    and self._lookups.get(vr.ino, 0) == 0):
+        if ino in self._orphans or (vr is not None and vr.deleted and vr.known <= 0 and vr.nlookup == 0):
             with self._table_lock:
                 if ino in self._orphans:
                     self._drop_top(ino)
-                if vr is not None and vr.deleted and vr.known <= 0 and self._lookups.get(vr.ino, 0) == 0:
+                if vr is not None and vr.deleted and vr.known <= 0 and vr.nlookup == 0:
                     self._free_tree(vr)
 
     def lookup_count(self, ino: InodeT) -> int:
-        return self._lookups.get(ino, 0)
+        n = self._inodes.get(ino)
+        return n.nlookup if n is not None else 0
 
     def inode_count(self) -> int:
         return len(self._inodes)

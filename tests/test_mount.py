@@ -319,7 +319,9 @@ def test_ready_is_sent_to_notify_socket(ds: Store, mounter: Mounter, tmp_path: P
 
 def test_journal_stream_gives_priority_prefixes(ds: Store, mounter: Mounter) -> None:
     m = mounter.start(ds.root, env={"JOURNAL_STREAM": "8:1234"})
-    assert any(line.startswith("<6>artifactfs: mounted") for line in m.log_text().splitlines())
+    # The line is written once the mount answers and is registered: shortly after it appears.
+    assert wait_until(lambda: any(line.startswith("<6>artifactfs: mounted")
+                                  for line in m.log_text().splitlines()), 10.0), m.log_text()
 
 
 def test_version_file_inode_numbers_survive_a_restart(ds: Store, mounter: Mounter) -> None:
