@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A content-addressed artifact store with a read-only FUSE view.",
         epilog="The store is --store PATH, else $ARTIFACTFS_HOME, else $XDG_DATA_HOME/artifactfs, "
                "else ~/.local/share/artifactfs.")
-    p.add_argument("--store", metavar="PATH", help="store root (default: %(default)s)", default=None)
+    p.add_argument("--store", metavar="PATH", help="the store root (default: see below)", default=None)
     p.add_argument("--version", action="version", version=f"artifactfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
