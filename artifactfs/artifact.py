@@ -19,7 +19,7 @@ from typing import IO, Any, Iterator
 
 from . import names
 from .blobstore import hash_file
-from .errors import ArtifactFSError, InvalidName
+from .errors import InvalidName
 from .manifest import Manifest, ManifestEntry
 from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference, walk_files
 

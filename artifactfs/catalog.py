@@ -1,4 +1,5 @@
-"""The catalog: a small wrapper around SQLite. All SQL of artifactfs lives in this module."""
+"""The catalog: a small wrapper around SQLite. All SQL of artifactfs lives in this module, but
+for fsck's invariant checks, which read the raw rows on purpose (fsck.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Iterator, NamedTuple, NewType
 
-from .errors import CatalogError, StoreFull
+from .errors import CatalogError, InvalidName, StoreFull
 
 SCHEMA_VERSION = 1
 VersionId = NewType("VersionId", int)
@@ -322,6 +323,10 @@ class Catalog:
             raise _map_error(e, self.path) from e
         return Snapshot(gen, arts)
 
+    def mounts(self) -> list[tuple[str, int, str | None]]:
+        """(mountpoint, daemon pid, NAME:vN or None for the whole store) of registered mounts."""
+        return [(r[0], r[1], r[2]) for r in self.query("SELECT mountpoint, pid, artifact FROM mounts")]
+
     def referenced_blobs(self) -> set[str]:
         return {r[0] for r in self.query("SELECT DISTINCT blob FROM entries WHERE blob IS NOT NULL")}
 
@@ -348,18 +353,90 @@ class Catalog:
                     found[k] = (b3, xx)
         return found
 
-    def stat_cache_store(self, rows: list[tuple[int, int, int, int, int, str, str]]) -> None:
-        if not rows:
-            return
-        with self.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    # -- writes: call these inside `with catalog.transaction():` ---------------------------------
 
-    # -- writes -----------------------------------------------------------------------------
+    def artifact_for_log(self, name: str, type_: str, now: float) -> tuple[int, int]:
+        """(artifact id, N of its next v<N>), creating the artifact on its first log."""
+        c = self.conn
+        row = c.execute("SELECT id, type, next_index FROM artifacts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            art_id = c.execute("INSERT INTO artifacts (name, type, next_index, created_at) VALUES (?, ?, 0, ?)",
+                               (name, type_, now)).lastrowid
+            return int(art_id or 0), 0
+        art_id, art_type, next_index = row
+        if art_type != type_:
+            raise InvalidName(f"artifact {name!r} has type {art_type!r}, not {type_!r}")
+        return art_id, next_index
 
-    @staticmethod
-    def bump_generation(c: sqlite3.Connection) -> None:
-        c.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    def latest_of(self, art_id: int) -> tuple[VersionId, str] | None:
+        """(id, manifest digest) of the version the artifact's `latest` names, if any."""
+        row = self.conn.execute("SELECT v.id, v.digest FROM aliases x JOIN versions v ON v.id = x.version_id "
+                                "WHERE x.artifact_id = ? AND x.alias = 'latest'", (art_id,)).fetchone()
+        return None if row is None else (VersionId(row[0]), row[1])
+
+    def insert_version(self, art_id: int, index: int, digest: str, description: str | None,
+                       metadata: dict[str, Any], created_at: float, rows: list[EntryRow]) -> VersionId:
+        """Add version v<index> with its entries and advance the artifact's next index."""
+        c = self.conn
+        total = sum(e.size or 0 for e in rows)
+        vid = c.execute(
+            "INSERT INTO versions (artifact_id, idx, digest, description, metadata, created_at, n_entries, "
+            "total_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (art_id, index, digest, description, json.dumps(metadata), created_at, len(rows), total)).lastrowid
+        c.execute("UPDATE artifacts SET next_index = ? WHERE id = ?", (index + 1, art_id))
+        c.executemany(
+            "INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((vid, e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, json.dumps(e.extra)) for e in rows))
+        return VersionId(int(vid or 0))
+
+    def move_aliases(self, art_id: int, vid: int, aliases: list[str]) -> None:
+        """Point each alias at `vid` (adding or moving it); mounts see the change."""
+        for a in aliases:
+            self.conn.execute("INSERT INTO aliases (artifact_id, alias, version_id) VALUES (?, ?, ?) "
+                              "ON CONFLICT (artifact_id, alias) DO UPDATE SET version_id = excluded.version_id",
+                              (art_id, a, vid))
+        self.bump_generation()
+
+    def artifact_of(self, vid: int) -> int | None:
+        """The artifact id of a version, or None when it is gone."""
+        row = self.conn.execute("SELECT artifact_id FROM versions WHERE id = ?", (vid,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def remove_alias(self, artifact: str, alias: str) -> bool:
+        n = self.conn.execute("DELETE FROM aliases WHERE alias = ? AND artifact_id = "
+                              "(SELECT id FROM artifacts WHERE name = ?)", (alias, artifact)).rowcount
+        if n:
+            self.bump_generation()
+        return bool(n)
+
+    def delete_version(self, vid: int, art_id: int) -> None:
+        """Remove a version, its entries and aliases; `latest` moves to the newest one left."""
+        c = self.conn
+        c.execute("DELETE FROM entries WHERE version_id = ?", (vid,))
+        c.execute("DELETE FROM aliases WHERE version_id = ?", (vid,))
+        c.execute("DELETE FROM versions WHERE id = ?", (vid,))
+        newest = c.execute("SELECT id FROM versions WHERE artifact_id = ? ORDER BY idx DESC LIMIT 1",
+                           (art_id,)).fetchone()
+        if newest is not None:
+            self.move_aliases(art_id, newest[0], ["latest"])
+        else:
+            self.bump_generation()
+
+    def store_stat_cache(self, rows: list[tuple[int, int, int, int, int, str, str]]) -> None:
+        if rows:
+            self.conn.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, "
+                                  "xxh128) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def set_mount(self, mountpoint: str, pid: int, artifact: str | None, started_at: float) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at) VALUES (?, ?, ?, ?)",
+                          (mountpoint, pid, artifact, started_at))
+
+    def drop_mount(self, mountpoint: str) -> None:
+        self.conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))
+
+    def bump_generation(self) -> None:
+        self.conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
 
 def _extra(path: str, text: Any) -> dict[str, Any]:

@@ -159,40 +159,19 @@ class Store:
                 raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
             raise
         now = time.time()
-        with self.catalog.transaction() as c:
-            row = c.execute("SELECT id, type, next_index FROM artifacts WHERE name = ?",
-                            (artifact.name,)).fetchone()
-            if row is None:
-                art_id = c.execute("INSERT INTO artifacts (name, type, next_index, created_at) VALUES (?, ?, 0, ?)",
-                                   (artifact.name, artifact.type, now)).lastrowid
-                next_index = 0
-            else:
-                art_id, art_type, next_index = row
-                if art_type != artifact.type:
-                    raise InvalidName(f"artifact {artifact.name!r} has type {art_type!r}, not {artifact.type!r}")
-            latest = c.execute("SELECT v.id, v.digest FROM aliases x JOIN versions v ON v.id = x.version_id "
-                               "WHERE x.artifact_id = ? AND x.alias = 'latest'", (art_id,)).fetchone()
+        cat = self.catalog
+        with cat.transaction():
+            art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
+            latest = cat.latest_of(art_id)
             if latest is not None and latest[1] == digest:
                 vid = latest[0]
-                self._move_aliases(c, art_id, vid, alias_list)
+                cat.move_aliases(art_id, vid, alias_list)
             else:
                 self._ensure_blobs(entries, job_paths)
-                total = sum(e.size or 0 for e in entries.values())
-                vid = c.execute(
-                    "INSERT INTO versions (artifact_id, idx, digest, description, metadata, created_at, n_entries, "
-                    "total_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (art_id, next_index, digest, artifact.description, json.dumps(artifact.metadata), now,
-                     len(entries), total)).lastrowid
-                c.execute("UPDATE artifacts SET next_index = ? WHERE id = ?", (next_index + 1, art_id))
-                c.executemany(
-                    "INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    ((vid, e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, json.dumps(e.extra))
-                     for e in entries.values()))
-                self._move_aliases(c, art_id, vid, ["latest", *alias_list])
-            if cache_rows:
-                c.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128) "
-                              "VALUES (?, ?, ?, ?, ?, ?, ?)", cache_rows)
+                vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata, now,
+                                         list(entries.values()))
+                cat.move_aliases(art_id, vid, ["latest", *alias_list])
+            cat.store_stat_cache(cache_rows)
         return self.artifact_by_id(vid)
 
     def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]]) -> None:
@@ -211,14 +190,6 @@ class Store:
         if rewrote:
             self.blobs.sync()
 
-    @staticmethod
-    def _move_aliases(c: Any, art_id: int, vid: int, aliases: list[str]) -> None:
-        for a in aliases:
-            c.execute("INSERT INTO aliases (artifact_id, alias, version_id) VALUES (?, ?, ?) "
-                      "ON CONFLICT (artifact_id, alias) DO UPDATE SET version_id = excluded.version_id",
-                      (art_id, a, vid))
-        Catalog.bump_generation(c)
-
     def artifact_by_id(self, vid: int) -> ArtifactVersion:
         row = self.catalog.version_by_id(vid)
         if row is None:
@@ -233,11 +204,11 @@ class Store:
         if alias == "latest":
             raise InvalidName("the alias 'latest' is managed automatically")
         row = self._find(spec)
-        with self.catalog.transaction() as c:
-            if c.execute("SELECT 1 FROM versions WHERE id = ?", (row.id,)).fetchone() is None:
+        with self.catalog.transaction():
+            art_id = self.catalog.artifact_of(row.id)
+            if art_id is None:
                 raise NotFound(f"{spec} was deleted")
-            art_id = c.execute("SELECT artifact_id FROM versions WHERE id = ?", (row.id,)).fetchone()[0]
-            self._move_aliases(c, art_id, row.id, [alias])
+            self.catalog.move_aliases(art_id, row.id, [alias])
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Remove `alias` from artifact `name` (a `name:...` spec is accepted too)."""
@@ -245,29 +216,18 @@ class Store:
         names.check_alias(alias)
         if alias == "latest":
             raise InvalidName("the alias 'latest' is managed automatically")
-        with self.catalog.transaction() as c:
-            n = c.execute("DELETE FROM aliases WHERE alias = ? AND artifact_id = "
-                          "(SELECT id FROM artifacts WHERE name = ?)", (alias, art)).rowcount
-            if n == 0:
+        with self.catalog.transaction():
+            if not self.catalog.remove_alias(art, alias):
                 raise NotFound(f"artifact {art!r} has no alias {alias!r}")
-            Catalog.bump_generation(c)
 
     def delete(self, spec: str) -> None:
         """Delete one version; its blobs go at the next gc. `latest` moves to the newest left."""
         row = self._find(spec)
-        with self.catalog.transaction() as c:
-            art_id = c.execute("SELECT artifact_id FROM versions WHERE id = ?", (row.id,)).fetchone()
+        with self.catalog.transaction():
+            art_id = self.catalog.artifact_of(row.id)
             if art_id is None:
                 raise NotFound(f"{spec} was already deleted")
-            c.execute("DELETE FROM entries WHERE version_id = ?", (row.id,))
-            c.execute("DELETE FROM aliases WHERE version_id = ?", (row.id,))
-            c.execute("DELETE FROM versions WHERE id = ?", (row.id,))
-            newest = c.execute("SELECT id FROM versions WHERE artifact_id = ? ORDER BY idx DESC LIMIT 1",
-                               (art_id[0],)).fetchone()
-            if newest is not None:
-                self._move_aliases(c, art_id[0], newest[0], ["latest"])
-            else:
-                Catalog.bump_generation(c)
+            self.catalog.delete_version(row.id, art_id)
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -282,8 +242,8 @@ class Store:
         freed: list[str] = []
         nbytes = 0
         ntemp = 0
-        with self.catalog.transaction() as c:
-            referenced = {r[0] for r in c.execute("SELECT DISTINCT blob FROM entries WHERE blob IS NOT NULL")}
+        with self.catalog.transaction():
+            referenced = self.catalog.referenced_blobs()
             candidates = [(oid, st) for oid, st in self.blobs.iter_blobs()
                           if oid not in referenced and st.st_mtime < cutoff]
             for i, (oid, st) in enumerate(candidates):
@@ -315,17 +275,16 @@ class Store:
     # -- mounts (zero-copy download) ----------------------------------------------------------
 
     def register_mount(self, mountpoint: str, pid: int, artifact: str | None) -> None:
-        with self.catalog.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at) VALUES (?, ?, ?, ?)",
-                      (os.path.abspath(mountpoint), pid, artifact, time.time()))
+        with self.catalog.transaction():
+            self.catalog.set_mount(os.path.abspath(mountpoint), pid, artifact, time.time())
 
     def unregister_mount(self, mountpoint: str) -> None:
-        with self.catalog.transaction() as c:
-            c.execute("DELETE FROM mounts WHERE mountpoint = ?", (os.path.abspath(mountpoint),))
+        with self.catalog.transaction():
+            self.catalog.drop_mount(os.path.abspath(mountpoint))
 
     def live_mount(self) -> str | None:
         """The mountpoint of a live daemon mounting the whole store, or None (dead ones are cleaned)."""
-        for mp, pid, art in self.catalog.query("SELECT mountpoint, pid, artifact FROM mounts"):
+        for mp, pid, art in self.catalog.mounts():
             if _pid_alive(pid) and os.path.ismount(mp):
                 if art is None:
                     return str(mp)
