@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, NewType
 
 from .errors import CatalogError, InvalidName, StoreFull
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VersionId = NewType("VersionId", int)
 BUSY_TIMEOUT_MS = 60_000
 
@@ -59,6 +59,7 @@ class ArtifactSnap:
 class Snapshot:
     generation: int
     artifacts: dict[str, ArtifactSnap]
+    deleted_generation: int = 0  # the generation of the last delete (mounts acknowledge it)
 
 
 def _is_busy(e: sqlite3.Error) -> bool:
@@ -143,6 +144,8 @@ class Catalog:
         v = c.execute("PRAGMA user_version").fetchone()[0]
         if v == 0:
             raise CatalogError(f"catalog {self.path} is empty or not an artifactfs catalog")
+        if v == 1:
+            self._migrate_1_to_2()
         if v > SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog {self.path} has schema version {v}; this artifactfs knows up to {SCHEMA_VERSION}"
@@ -150,6 +153,19 @@ class Catalog:
         mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise CatalogError(f"catalog {self.path}: cannot switch to WAL mode (got {mode})")
+
+    def _migrate_1_to_2(self) -> None:
+        """Version 2 adds mounts.seen_generation and meta 'deleted_generation' (gc waits for
+        mounts to pin files of deleted versions). Racing openers: the first one migrates."""
+        with self.transaction():
+            c = self.conn
+            if c.execute("PRAGMA user_version").fetchone()[0] != 1:
+                return
+            cols = {r[1] for r in c.execute("PRAGMA table_info(mounts)")}
+            if "seen_generation" not in cols:
+                c.execute("ALTER TABLE mounts ADD COLUMN seen_generation INTEGER NOT NULL DEFAULT 0")
+            c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('deleted_generation', 0)")
+            c.execute("PRAGMA user_version = 2")
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)
@@ -307,6 +323,7 @@ class Catalog:
             c.execute("BEGIN")
             try:
                 gen = int(c.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+                dgen = int(c.execute("SELECT value FROM meta WHERE key = 'deleted_generation'").fetchone()[0])
                 arts: dict[str, ArtifactSnap] = {}
                 for name, vid, idx, created in c.execute(
                         "SELECT a.name, v.id, v.idx, v.created_at FROM versions v "
@@ -321,11 +338,20 @@ class Catalog:
                 c.execute("COMMIT")
         except sqlite3.Error as e:
             raise _map_error(e, self.path) from e
-        return Snapshot(gen, arts)
+        return Snapshot(gen, arts, dgen)
 
     def mounts(self) -> list[tuple[str, int, str | None]]:
         """(mountpoint, daemon pid, NAME:vN or None for the whole store) of registered mounts."""
         return [(r[0], r[1], r[2]) for r in self.query("SELECT mountpoint, pid, artifact FROM mounts")]
+
+    def deleted_generation(self) -> int:
+        return int(self.get_val("SELECT value FROM meta WHERE key = 'deleted_generation'") or 0)
+
+    def mounts_behind(self) -> list[tuple[str, int]]:
+        """(mountpoint, pid) of registered mounts that have not yet handled the last delete."""
+        return [(r[0], r[1]) for r in self.query(
+            "SELECT mountpoint, pid FROM mounts WHERE seen_generation < "
+            "(SELECT value FROM meta WHERE key = 'deleted_generation')")]
 
     def referenced_blobs(self) -> set[str]:
         return {r[0] for r in self.query("SELECT DISTINCT blob FROM entries WHERE blob IS NOT NULL")}
@@ -422,15 +448,22 @@ class Catalog:
             self.move_aliases(art_id, newest[0], ["latest"])
         else:
             self.bump_generation()
+        c.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'generation') "
+                  "WHERE key = 'deleted_generation'")
 
     def store_stat_cache(self, rows: list[tuple[int, int, int, int, int, str, str]]) -> None:
         if rows:
             self.conn.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, "
                                   "xxh128) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def set_mount(self, mountpoint: str, pid: int, artifact: str | None, started_at: float) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at) VALUES (?, ?, ?, ?)",
-                          (mountpoint, pid, artifact, started_at))
+    def set_mount(self, mountpoint: str, pid: int, artifact: str | None, started_at: float,
+                  seen_generation: int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at, seen_generation) "
+                          "VALUES (?, ?, ?, ?, ?)", (mountpoint, pid, artifact, started_at, seen_generation))
+
+    def ack_mount(self, mountpoint: str, generation: int) -> None:
+        self.conn.execute("UPDATE mounts SET seen_generation = MAX(seen_generation, ?) WHERE mountpoint = ?",
+                          (generation, mountpoint))
 
     def drop_mount(self, mountpoint: str) -> None:
         self.conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))

@@ -227,10 +227,13 @@ def cmd_gc(store: Store, a: argparse.Namespace) -> int:
         r = store.gc(dry_run=a.dry_run, grace_seconds=a.grace, progress=prog)
     if a.json:
         _print_json({"dry_run": r.dry_run, "blobs_freed": r.blobs_freed, "bytes_freed": r.bytes_freed,
-                     "temp_files_removed": r.temp_files_removed})
+                     "temp_files_removed": r.temp_files_removed, "mounts_behind": r.mounts_behind})
     else:
         verb = "would free" if r.dry_run else "freed"
         print(f"gc {verb} {r.blobs_freed} blobs ({_human(r.bytes_freed)}) and {r.temp_files_removed} temp files")
+    for mp in r.mounts_behind:
+        print(f"warning: the mount at {mp} did not acknowledge the last delete in time; files of deleted "
+              "versions open there may fail to read", file=sys.stderr)
     return 0
 
 
@@ -346,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
     s.add_argument("--debug", action="store_true", help="log every request")
     s.add_argument("--verify-reads", action="store_true",
-                   help="hash each blob on its first open and refuse a corrupt one with EIO")
+                   help="hash each blob on its first read and refuse a corrupt one with EIO")
     s.set_defaults(func=None, special="mount")
 
     s = add("umount", "unmount MOUNT; its daemon exits")

@@ -8,8 +8,9 @@ runs (Type=notify: READY=1 goes to $NOTIFY_SOCKET once the mount is live).
 Inside the daemon one trio nursery holds pyfuse3's session loop, a signal task (SIGTERM and
 SIGINT unmount cleanly), the readiness task, and a task that polls the catalog's generation
 every half second and invalidates the kernel's caches when artifacts, versions or aliases
-change. A watchdog observer marks checksummed references "in doubt" when their directories
-report a change.
+change; after a delete it acknowledges in the catalog (mounts.seen_generation) once it holds the
+files of the deleted version that may be open, which `gc` waits for. A watchdog observer marks
+references "in doubt" when their directories report a change and drops their cached pages.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ class _MountFailed(Exception):
 
 
 class _RefWatcher:
-    """watchdog observers on the directories of checksummed references (one watch each)."""
+    """watchdog observers on the directories of referenced files (one watch each)."""
 
     def __init__(self) -> None:
         self._observer: Any = None
@@ -390,6 +391,25 @@ class _RefWatcher:
                 self._observer.stop()
                 self._observer.join(timeout=5)
                 self._observer = None
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; return how many descriptors may hold
+    the files of deleted versions (what the read cache and the rest leave)."""
+    import resource
+
+    from .fuse_ops import DESCRIPTOR_CACHE
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return max(0, soft - DESCRIPTOR_CACHE - 512)
 
 
 def _set_read_ahead(dev: int) -> None:
@@ -439,7 +459,8 @@ class _Daemon:
             vfs.apply_snapshot(store.catalog.snapshot())
             if version is not None:
                 vfs.build(vfs.root)  # type: ignore[arg-type]
-            ops = Operations(vfs, debug=self.debug)
+            ops = Operations(vfs, debug=self.debug, pin_budget=_raise_fd_limit(),
+                             ack=lambda gen: store.ack_mount(self.mountpoint, gen) if self.registered else None)
             options = {"ro", "default_permissions", "fsname=artifactfs", "subtype=artifactfs"}
             if self.allow_other:
                 options.add("allow_other")
@@ -506,7 +527,8 @@ class _Daemon:
         _set_read_ahead(st.st_dev)
         store = ops.vfs.store
         try:
-            await trio.to_thread.run_sync(store.register_mount, self.mountpoint, os.getpid(), self.label)
+            await trio.to_thread.run_sync(store.register_mount, self.mountpoint, os.getpid(), self.label,
+                                          ops.acked)
             self.registered = True
         except (ArtifactFSError, OSError) as e:
             log.warning("cannot register the mount in the store (download() will copy): %s", e)
@@ -519,8 +541,7 @@ class _Daemon:
             self.ready_fd = None
 
     async def _watch_catalog(self, ops: Any) -> None:
-        if ops.vfs.single:
-            return
+        # A single-version mount watches too: for a delete of its version.
         failing = False
         while True:
             await trio.sleep(POLL_SECONDS)

@@ -1,4 +1,4 @@
--- artifactfs catalog schema, version 1. Applied once to a new catalog; the version lives in
+-- artifactfs catalog schema, version 2. Applied once to a new catalog; the version lives in
 -- PRAGMA user_version. Idempotent: every statement uses IF NOT EXISTS.
 
 -- One row per artifact name.
@@ -64,12 +64,16 @@ CREATE TABLE IF NOT EXISTS mounts (
     mountpoint  TEXT PRIMARY KEY,         -- absolute path of the mount
     pid         INTEGER NOT NULL,         -- daemon process id
     artifact    TEXT,                     -- NAME:vN for a single-version mount, NULL for the whole store
-    started_at  REAL NOT NULL             -- unix time the mount became ready
+    started_at  REAL NOT NULL,            -- unix time the mount became ready
+    seen_generation INTEGER NOT NULL DEFAULT 0 -- catalog generation whose deletions this daemon
+                                          -- has handled (pinned open files): gc waits for it
 );
 
 -- Single-row counters.
 CREATE TABLE IF NOT EXISTS meta (
-    key         TEXT PRIMARY KEY,         -- "generation": bumped by every change a mount must show
+    key         TEXT PRIMARY KEY,         -- "generation": bumped by every change a mount must show;
+                                          -- "deleted_generation": the generation of the last delete
     value       INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('deleted_generation', 0);

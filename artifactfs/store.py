@@ -36,6 +36,10 @@ def default_root() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "artifactfs")
 
 
+# How long gc waits for live mounts to acknowledge the last delete (they poll every 0.5 s).
+MOUNT_ACK_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class GCReport:
     blobs_freed: int
@@ -43,6 +47,9 @@ class GCReport:
     temp_files_removed: int
     dry_run: bool
     freed: list[str] = field(default_factory=list, repr=False)
+    # Mounts that did not acknowledge the last delete in time (files of deleted versions open
+    # there may fail to read once their blobs are gone).
+    mounts_behind: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -236,36 +243,53 @@ class Store:
         """Delete blobs no version refers to, and stale temp files, older than the grace period.
 
         Holds the catalog's write lock while deleting, so a log cannot commit a reference to a
-        blob between the moment gc finds it unreferenced and the moment it goes.
+        blob between the moment gc finds it unreferenced and the moment it goes. First waits
+        (up to MOUNT_ACK_TIMEOUT) for every live mount to acknowledge the last delete: a daemon
+        serves files without hearing of each open, so it holds the blobs of a deleted version's
+        files the kernel still knows before they may go.
         """
         cutoff = time.time() - grace_seconds
+        deadline = time.monotonic() + MOUNT_ACK_TIMEOUT
+        while True:
+            with self.catalog.transaction():
+                behind = [] if dry_run else self._mounts_behind()
+                if not behind or time.monotonic() >= deadline:
+                    return self._collect(cutoff, dry_run, progress, behind)
+            time.sleep(0.05)  # outside the write lock: the daemon's acknowledgement needs it
+
+    def _mounts_behind(self) -> list[str]:
+        """Mountpoints of live daemons that have not acknowledged the last delete."""
+        return [mp for mp, pid in self.catalog.mounts_behind() if _pid_alive(pid)]
+
+    def _collect(self, cutoff: float, dry_run: bool, progress: Progress | None,
+                 behind: list[str]) -> GCReport:
+        """The deletions of gc (the caller holds the catalog's write lock)."""
         freed: list[str] = []
         nbytes = 0
         ntemp = 0
-        with self.catalog.transaction():
-            referenced = self.catalog.referenced_blobs()
-            candidates = [(oid, st) for oid, st in self.blobs.iter_blobs()
-                          if oid not in referenced and st.st_mtime < cutoff]
-            for i, (oid, st) in enumerate(candidates):
+        referenced = self.catalog.referenced_blobs()
+        candidates = [(oid, st) for oid, st in self.blobs.iter_blobs()
+                      if oid not in referenced and st.st_mtime < cutoff]
+        for i, (oid, st) in enumerate(candidates):
+            if not dry_run:
+                try:
+                    self.blobs.remove(oid)
+                except FileNotFoundError:
+                    continue
+            freed.append(oid)
+            nbytes += st.st_size
+            if progress:
+                progress(i + 1, len(candidates))
+        for path, st in self.blobs.iter_temp():
+            # A temp file of a live writer (its PID leads the name) is work in progress.
+            if st.st_mtime < cutoff and not _pid_alive(_temp_owner(path)):
                 if not dry_run:
                     try:
-                        self.blobs.remove(oid)
+                        os.unlink(path)
                     except FileNotFoundError:
                         continue
-                freed.append(oid)
-                nbytes += st.st_size
-                if progress:
-                    progress(i + 1, len(candidates))
-            for path, st in self.blobs.iter_temp():
-                # A temp file of a live writer (its PID leads the name) is work in progress.
-                if st.st_mtime < cutoff and not _pid_alive(_temp_owner(path)):
-                    if not dry_run:
-                        try:
-                            os.unlink(path)
-                        except FileNotFoundError:
-                            continue
-                    ntemp += 1
-        return GCReport(len(freed), nbytes, ntemp, dry_run, freed)
+                ntemp += 1
+        return GCReport(len(freed), nbytes, ntemp, dry_run, freed, behind)
 
     def fsck(self, repair: bool = False, progress: Progress | None = None) -> Any:
         """Check every invariant; with repair, quarantine corrupt blobs. Returns an FsckReport."""
@@ -274,9 +298,15 @@ class Store:
 
     # -- mounts (zero-copy download) ----------------------------------------------------------
 
-    def register_mount(self, mountpoint: str, pid: int, artifact: str | None) -> None:
+    def register_mount(self, mountpoint: str, pid: int, artifact: str | None, seen_generation: int) -> None:
+        """Record a live daemon; `seen_generation` is the catalog generation its view shows."""
         with self.catalog.transaction():
-            self.catalog.set_mount(os.path.abspath(mountpoint), pid, artifact, time.time())
+            self.catalog.set_mount(os.path.abspath(mountpoint), pid, artifact, time.time(), seen_generation)
+
+    def ack_mount(self, mountpoint: str, generation: int) -> None:
+        """A daemon has handled every delete up to `generation` (it holds what readers may need)."""
+        with self.catalog.transaction():
+            self.catalog.ack_mount(os.path.abspath(mountpoint), generation)
 
     def unregister_mount(self, mountpoint: str) -> None:
         with self.catalog.transaction():

@@ -23,7 +23,7 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple, TypeAlias
 
 import xxhash
@@ -225,17 +225,18 @@ class Invalidation:
 
     entries: list[tuple[InodeT, bytes]]  # (parent inode, name) whose binding changed or went
     inodes: list[InodeT]  # directories whose attributes or listing changed
+    deleted: list[VersionRoot] = field(default_factory=list)  # versions deleted since the last view
 
 
 class OpenFile:
-    """An open descriptor and what `read` needs to check it (fh in fuse_ops is the fd)."""
+    """An open descriptor and what `read` needs to check it."""
 
     __slots__ = ("fd", "size", "ref")
 
     def __init__(self, fd: int, size: int, ref: RefFile | None) -> None:
         self.fd = fd
         self.size = size
-        self.ref = ref  # set for checked references: the watcher may mark them changed while open
+        self.ref = ref  # set for references: the watcher may mark them changed while open
 
 
 # -- the view -----------------------------------------------------------------------------------
@@ -276,7 +277,9 @@ class VFS:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.verify_blobs = verify_blobs
-        self.watch = watch  # called with each new directory holding checked references
+        self.watch = watch  # called with each new directory holding references
+        # Called (from the watcher's thread) with the inode of a reference whose file changed.
+        self.on_change: Callable[[InodeT], None] | None = None
         self.single = version is not None
         self._inodes: dict[InodeT, Node] = {}
         self._table_lock = threading.Lock()  # inode table writes (builds run in worker threads)
@@ -328,7 +331,7 @@ class VFS:
 
     def refresh_needed(self) -> bool:
         """True when the catalog changed since the last `apply_snapshot` (one cheap query)."""
-        return not self.single and self.catalog.generation() != self.generation
+        return self.catalog.generation() != self.generation  # type: ignore[no-any-return]
 
     def snapshot(self) -> Snapshot:
         return self.catalog.snapshot()  # type: ignore[no-any-return]
@@ -336,8 +339,14 @@ class VFS:
     def apply_snapshot(self, snap: Snapshot) -> Invalidation:
         """Rebuild the top layer from `snap`; return what the kernel must forget."""
         if self.single:
+            # Only a delete of the one version shown matters here.
             self.generation = snap.generation
-            return Invalidation([], [])
+            vr = self.root
+            assert isinstance(vr, VersionRoot)
+            if vr.deleted or any(vid == vr.vid for a in snap.artifacts.values() for vid, _ in a.versions.values()):
+                return Invalidation([], [])
+            vr.deleted = True
+            return Invalidation([], [], [vr])
         root = self.root
         assert isinstance(root, TopRoot) and root.children is not None
         old_children = root.children
@@ -345,6 +354,7 @@ class VFS:
         entries: list[tuple[InodeT, bytes]] = []
         inodes: list[InodeT] = []
         live_vids: set[VersionId] = set()
+        deleted: list[VersionRoot] = []
         shown: set[InodeT] = set()  # top-layer inodes in the new view
         newest = 0
         with self._table_lock:
@@ -417,8 +427,23 @@ class VFS:
                 vr.deleted = True
                 if vr.known == 0 and vr.nlookup == 0:
                     self._free_tree(vr)
+                else:
+                    deleted.append(vr)
         self.generation = snap.generation
-        return Invalidation(entries, inodes)
+        return Invalidation(entries, inodes, deleted)
+
+    def known_nodes(self, vr: VersionRoot) -> list[tuple[InodeT, bytes, Node]]:
+        """(parent inode, name, node) of every node of `vr` the kernel holds a lookup on."""
+        out: list[tuple[InodeT, bytes, Node]] = []
+        stack: list[Dir] = [vr]
+        while stack and len(out) < vr.known:
+            d = stack.pop()
+            for name, n in list((d.children or {}).items()):
+                if n.nlookup > 0:
+                    out.append((d.ino, name, n))
+                if isinstance(n, Dir):
+                    stack.append(n)
+        return out
 
     def _carry_lookups(self, new: Node) -> None:
         """A top-layer node rebuilt under the inode of an old one inherits its lookup count."""
@@ -521,8 +546,8 @@ class VFS:
         self._watch_new(new_watch)
 
     def _track_ref(self, node: Node, new_watch: list[str]) -> None:
-        """Index a checked reference by its local path, for the watcher (caller holds the lock)."""
-        if isinstance(node, RefFile) and node.checked and node.local is not None:
+        """Index a reference by its local path, for the watcher (caller holds the lock)."""
+        if isinstance(node, RefFile) and node.local is not None:
             self._refs_by_path.setdefault(node.local, []).append(node)
             d = os.path.dirname(node.local)
             if d not in self._watched:
@@ -784,13 +809,14 @@ class VFS:
 
     # -- opening ---------------------------------------------------------------------------
 
-    def open(self, n: Node, *, may_hash: bool) -> OpenFile:
+    def open(self, n: Node, *, may_hash: bool, deleted_ok: bool = False) -> OpenFile:
         """Resolve a file node to an open descriptor holding exactly its logged bytes.
 
         With `may_hash=False` (the trio thread) raise NeedsHash instead of hashing; the caller
-        repeats the call in a worker thread with `may_hash=True`.
+        repeats the call in a worker thread with `may_hash=True`. `deleted_ok` opens a file of a
+        deleted version while its blob is still there (to hold it for readers who have it open).
         """
-        if n.root is not None and n.root.deleted:
+        if n.root is not None and n.root.deleted and not deleted_ok:
             # The kernel may still hold this node; a new open of a deleted version finds nothing
             # (files opened before the delete keep their descriptor and stay readable).
             raise OSError(errno.ENOENT, f"{n.root.label} was deleted")
@@ -839,7 +865,8 @@ class VFS:
             if fd < 0:
                 log.error("%s: reference %s is not a local file", self.entry_label(n), n.ref)
                 raise OSError(errno.EIO, "reference unavailable")
-            return OpenFile(fd, os.fstat(fd).st_size, None)
+            n.in_doubt = False  # served as it is now: this descriptor is now
+            return OpenFile(fd, os.fstat(fd).st_size, n)
         try:
             if fd >= 0:
                 fp = _fingerprint(os.fstat(fd))
@@ -879,13 +906,22 @@ class VFS:
                 os.close(fd)
             raise
 
+    def ref_stale(self, h: OpenFile) -> bool:
+        """True when the referenced file behind a kept descriptor changed (open-less mode: the
+        descriptor outlives opens, so each read of a reference checks; an fstat, no hashing)."""
+        n = h.ref
+        assert n is not None
+        if n.in_doubt:
+            return True
+        return n.checked and _fingerprint(os.fstat(h.fd)) != n.good
+
     def read_check(self, h: OpenFile, off: int, size: int, data: bytes) -> None:
         """Called by read for references and short reads: raise OSError(EIO) rather than hand
         out bytes other than the logged ones."""
         if len(data) < size and off + len(data) < h.size:
             raise OSError(errno.EIO, "file shorter than logged")
         n = h.ref
-        if n is not None and n.in_doubt:
+        if n is not None and n.checked and n.in_doubt:
             fp = _fingerprint(os.fstat(h.fd))
             if fp != n.good:
                 log.error("%s: referenced file %s changed while open; reading it fails with EIO",
@@ -894,8 +930,12 @@ class VFS:
 
     def mark_in_doubt(self, path: str) -> None:
         """A watcher saw `path` change: re-hash its entries at their next open (any thread)."""
-        for n in self._refs_by_path.get(path, ()):
+        on_change = self.on_change
+        for n in list(self._refs_by_path.get(path, ())):
             n.in_doubt = True
+            if on_change is not None:
+                # The kernel's cached pages may hold the old bytes: the next read must come here.
+                on_change(n.ino)
 
     def watched_dirs(self) -> set[str]:
         return set(self._watched)

@@ -686,6 +686,72 @@ def test_gc_keeps_every_blob_of_live_versions(store: Store, data_dir: Path, list
     v.verify()
 
 
+def test_gc_waits_for_live_mounts_to_acknowledge_the_last_delete(store: Store, list_blobs,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount's daemon holds the files of a deleted version that may be open before it
+    acknowledges the delete; gc collects only after every live mount did (or its wait ran out)."""
+    import threading
+
+    import artifactfs.store as store_mod
+
+    log_bytes(store, "ds", {"a": b"first"})
+    log_bytes(store, "ds", {"a": b"second"})
+    # A live "daemon" (this process) and a dead one (no such pid) registered at generation 0.
+    store.register_mount("/mnt/live", os.getpid(), None, store.catalog.generation())
+    store.register_mount("/mnt/dead", 2**22 + 12345, None, 0)
+    store.delete("ds:v0")
+    gen = store.catalog.generation()
+
+    def acknowledge_later() -> None:
+        time.sleep(0.3)
+        other = Store(store.root)
+        other.ack_mount("/mnt/live", gen)
+        other.close()
+
+    t = threading.Thread(target=acknowledge_later)
+    t0 = time.monotonic()
+    t.start()
+    report = store.gc(grace_seconds=0)
+    waited = time.monotonic() - t0
+    t.join()
+    assert waited >= 0.3  # it waited for the live mount; the dead one does not count
+    assert report.blobs_freed == 1 and report.mounts_behind == []
+    assert set(list_blobs(store.root)) == {b3(b"second")}
+
+    # A live mount that never acknowledges: gc waits MOUNT_ACK_TIMEOUT, then collects and says so.
+    monkeypatch.setattr(store_mod, "MOUNT_ACK_TIMEOUT", 0.2)
+    log_bytes(store, "ds", {"a": b"third"})
+    store.delete("ds:v1")
+    report = store.gc(grace_seconds=0)
+    assert report.blobs_freed == 1 and report.mounts_behind == ["/mnt/live"]
+    # A dry run never waits.
+    store.delete("ds:v2")
+    t0 = time.monotonic()
+    assert store.gc(dry_run=True, grace_seconds=0).mounts_behind == []
+    assert time.monotonic() - t0 < 0.2
+
+
+def test_a_version_1_catalog_is_migrated_on_open(store_root: Path) -> None:
+    import sqlite3
+
+    s = Store(store_root)
+    log_bytes(s, "ds", {"a": b"x"})
+    s.close()
+    db = sqlite3.connect(store_root / "catalog.db")
+    db.execute("ALTER TABLE mounts DROP COLUMN seen_generation")
+    db.execute("DELETE FROM meta WHERE key = 'deleted_generation'")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = Store(store_root)
+    assert s.catalog.get_val("PRAGMA user_version") == 2
+    assert s.catalog.deleted_generation() == 0
+    s.register_mount("/mnt/x", os.getpid(), None, 0)
+    s.delete("ds:v0")
+    assert s.catalog.mounts_behind() == [("/mnt/x", os.getpid())]
+    s.close()
+
+
 def test_gc_dry_run_deletes_nothing(store: Store, list_blobs) -> None:
     log_bytes(store, "ds", {"a": b"first"})
     log_bytes(store, "ds", {"a": b"second"})

@@ -25,9 +25,13 @@ CTX: Any = None  # handlers ignore the request context
 class FakeInvalidator:
     def __init__(self) -> None:
         self.calls: list[Invalidation] = []
+        self.dropped: list[int] = []
 
     async def apply(self, inv: Invalidation) -> None:
         self.calls.append(inv)
+
+    def drop_pages(self, ino: int) -> None:
+        self.dropped.append(ino)
 
 
 class FakeReaddir:
@@ -51,7 +55,7 @@ def ops(store: Store) -> Operations:
     log_files(store, "ds", {"a.txt": b"two\n", **{f"many/f{i:03}": b"%d" % i for i in range(50)}})
     vfs = VFS(store)
     vfs.apply_snapshot(store.catalog.snapshot())
-    return Operations(vfs, invalidator=FakeInvalidator())  # type: ignore[arg-type]
+    return Operations(vfs, invalidator=FakeInvalidator(), openless=False)  # type: ignore[arg-type]
 
 
 async def lookup_path(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
@@ -129,10 +133,13 @@ async def test_read_at_offsets(ops: Operations) -> None:
 
 
 @pytest.mark.trio
-async def test_read_of_unknown_handle_is_ebadf(ops: Operations) -> None:
+@pytest.mark.parametrize("mode, code", [("ops", errno.EBADF), ("openless", errno.ENOENT)])
+async def test_read_of_unknown_handle_is_ebadf_or_unknown_inode_enoent(request: pytest.FixtureRequest,
+                                                                      mode: str, code: int) -> None:
+    ops = request.getfixturevalue(mode)  # per-open mode: a handle; open-less: an inode
     with pytest.raises(pyfuse3.FUSEError) as ei:
         await ops.read(987654, 0, 10)
-    assert ei.value.errno == errno.EBADF
+    assert ei.value.errno == code
 
 
 @pytest.mark.trio
@@ -173,9 +180,11 @@ def dir_handle(answer: int | pyfuse3.FileInfo) -> int:
 
 
 def test_set_up_installed_the_patched_pyfuse3() -> None:
-    """scripts/setup-env builds pyfuse3 with pyfuse3-opendir-cache.patch (cached listings)."""
+    """scripts/setup-env builds pyfuse3 with pyfuse3-artifactfs.patch (cached listings, open-less
+    files)."""
     assert getattr(pyfuse3, "OPENDIR_FILEINFO", False) is True
-    assert fuse_ops.CACHE_READDIR
+    assert getattr(pyfuse3, "OPENLESS_READ_INODE", False) is True
+    assert fuse_ops.CACHE_READDIR and fuse_ops.OPENLESS
 
 
 @pytest.mark.trio
@@ -270,6 +279,8 @@ async def test_getattr_of_unknown_inode_is_enoent(ops: Operations) -> None:
 class RaisingVFS:
     """A VFS whose every lookup raises `exc`."""
 
+    generation = 0
+
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
@@ -332,3 +343,128 @@ async def test_debug_traces_each_request(ops: Operations, caplog: pytest.LogCapt
     with caplog.at_level(logging.DEBUG, logger="artifactfs.fuse"):
         await lookup_path(ops, "ds")
     assert "-> lookup" in caplog.text and "<- lookup" in caplog.text
+
+
+# -- open-less files (the mode of a real mount with the patched pyfuse3) --------------------------
+
+
+@pytest.fixture
+def openless(store: Store) -> Operations:
+    log_files(store, "ds", {"a.txt": b"one\n", "sub/b.bin": b"\x00" * 5000})
+    log_files(store, "ds", {"a.txt": b"two\n", **{f"many/f{i:03}": b"%d" % i for i in range(50)}})
+    vfs = VFS(store)
+    vfs.apply_snapshot(store.catalog.snapshot())
+    acks: list[int] = []
+    ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, ack=acks.append)  # type: ignore[arg-type]
+    ops.acks = acks  # type: ignore[attr-defined]
+    return ops
+
+
+@pytest.mark.trio
+async def test_openless_open_answers_enosys_and_read_takes_the_inode(openless: Operations) -> None:
+    attr = await lookup_path(openless, "ds/v1/a.txt")
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await openless.open(attr.st_ino, os.O_RDONLY, CTX)
+    assert ei.value.errno == errno.ENOSYS  # the kernel then opens files without asking
+    assert await openless.read(attr.st_ino, 0, 100) == b"two\n"
+    assert await openless.read(attr.st_ino, 1, 2) == b"wo"
+    other = await lookup_path(openless, "ds/v0/sub/b.bin")
+    assert await openless.read(other.st_ino, 4990, 100) == b"\x00" * 10
+    # Writes are still refused before anything else.
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await openless.open(attr.st_ino, os.O_WRONLY, CTX)
+    assert ei.value.errno == errno.EROFS
+
+
+@pytest.mark.trio
+async def test_openless_descriptor_cache_is_bounded_and_forget_closes(openless: Operations,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fuse_ops, "DESCRIPTOR_CACHE", 8)
+    inos = [(await lookup_path(openless, f"ds/v1/many/f{i:03}")).st_ino for i in range(20)]
+    for i, ino in enumerate(inos):
+        assert await openless.read(ino, 0, 10) == b"%d" % i
+        assert len(openless._files) <= 8
+    for i, ino in enumerate(inos):  # evicted ones open again
+        assert await openless.read(ino, 0, 10) == b"%d" % i
+    fds = [h.fd for h in openless._files.values()]
+    kept = next(iter(openless._files))
+    await openless.forget([(kept, 1)])
+    assert kept not in openless._files
+    closed = [fd for fd in fds if not _fd_open(fd)]
+    assert len(closed) == 1
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.trio
+async def test_openless_delete_holds_known_files_acks_then_invalidates(openless: Operations, store: Store) -> None:
+    """A deleted version's files the kernel knows (it may have them open) keep reading after
+    gc: the daemon holds their blobs open before it acknowledges the delete."""
+    read_before = await lookup_path(openless, "ds/v0/a.txt")  # read before the delete
+    assert await openless.read(read_before.st_ino, 0, 100) == b"one\n"
+    known = await lookup_path(openless, "ds/v0/sub/b.bin")  # looked up, never read
+    v0 = await lookup_path(openless, "ds/v0")
+    sub = await lookup_path(openless, "ds/v0/sub")
+    store.delete("ds:v0")
+    assert await openless.refresh()
+    assert openless.acks == [store.catalog.generation()]  # type: ignore[attr-defined]
+    assert openless.acked == store.catalog.generation()
+    inv = openless.invalidator.calls[-1]  # type: ignore[attr-defined]
+    # The known names inside v0, so the kernel asks again (and gets ENOENT), then v0 itself.
+    assert (sub.st_ino, b"b.bin") in inv.entries and (v0.st_ino, b"a.txt") in inv.entries
+    assert inv.entries.index((sub.st_ino, b"b.bin")) < inv.entries.index((await _ds(openless), b"v0"))
+    report = store.gc(grace_seconds=0)
+    assert report.blobs_freed >= 2
+    assert await openless.read(read_before.st_ino, 0, 100) == b"one\n"
+    assert await openless.read(known.st_ino, 0, 10) == b"\x00" * 10
+    # Once the kernel forgets them (no open file holds them), the descriptors go.
+    for ino in (read_before.st_ino, known.st_ino):
+        await openless.forget([(ino, openless.vfs.lookup_count(ino))])
+    assert openless._pinned == {}
+
+
+async def _ds(ops: Operations) -> int:
+    return (await lookup_path(ops, "ds")).st_ino
+
+
+@pytest.mark.trio
+async def test_openless_pins_no_more_than_the_budget(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    log_files(store, "ds", {f"f{i}": b"x%d" % i for i in range(10)})
+    log_files(store, "ds", {"other": b"o"})
+    vfs = VFS(store)
+    vfs.apply_snapshot(store.catalog.snapshot())
+    ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, pin_budget=4)  # type: ignore[arg-type]
+    for i in range(10):
+        await lookup_path(ops, f"ds/v0/f{i}")
+    store.delete("ds:v0")
+    with caplog.at_level(logging.WARNING):
+        await ops.refresh()
+    assert len(ops._pinned) == 4
+    assert "holding 4 of them open" in caplog.text
+
+
+@pytest.mark.trio
+async def test_openless_failed_acknowledgement_is_retried_at_the_next_poll(openless: Operations,
+                                                                         store: Store) -> None:
+    failing = [True]
+    acks: list[int] = []
+
+    def ack(gen: int) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, "catalog busy")
+        acks.append(gen)
+
+    openless.ack = ack
+    await lookup_path(openless, "ds/v0/a.txt")
+    store.delete("ds:v0")
+    with pytest.raises(OSError):
+        await openless.refresh()
+    failing[0] = False
+    assert not await openless.refresh()  # nothing new in the catalog, but the ack goes out
+    assert acks == [store.catalog.generation()]

@@ -72,6 +72,41 @@ def test_open_file_reads_exact_bytes_after_its_version_is_deleted_and_collected(
         assert f.read() == data
 
 
+def test_open_file_of_a_single_version_mount_reads_after_the_version_is_deleted_and_collected(
+        store: Store, mounter: Mounter) -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(3 * MiB)
+    log_files(store, "ds", {"big.bin": data})
+    log_files(store, "ds", {"other.bin": b"other"})
+    blob = blob_path(store, "ds:v0", "big.bin")
+    m = mounter.start(store.root, "--artifact", "ds:v0")
+    with open(m.path / "big.bin", "rb", buffering=0) as f:  # opened, nothing read yet
+        store.delete("ds:v0")
+        report = store.gc(grace_seconds=0)  # waits for the daemon to hold the file
+        assert blob.name in report.freed and report.mounts_behind == []
+        assert not blob.exists()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == data
+    assert wait_until(lambda: not os.path.exists(m.path / "big.bin"), 3.0)
+
+
+def test_files_are_opened_without_a_request_to_the_daemon(store: Store, mounter: Mounter) -> None:
+    """The daemon answers the first OPEN with ENOSYS; after that the kernel opens files by
+    itself (no OPEN, FLUSH or RELEASE per file) and keeps their pages across opens."""
+    files = {f"f{i:03}.txt": b"file %d\n" % i for i in range(100)}
+    log_files(store, "ds", files)
+    m = mounter.start(store.root, "--debug")
+    for _ in range(3):
+        for name, data in files.items():
+            with open(m.path / "ds/v0" / name, "rb") as f:
+                assert f.read() == data
+    text = m.log_text()
+    assert text.count("-> open(") == 1, text.count("-> open(")
+    assert "errno 38" in text  # ENOSYS
+    assert "-> release(" not in text and "-> flush(" not in text
+    assert text.count("read(fh ") == len(files)  # each file's bytes fetched once, then cached
+
+
 def test_file_not_yet_opened_in_a_deleted_and_collected_version_is_gone_not_damaged(
         store: Store, mounter: Mounter) -> None:
     """A reader holding a directory of a version (its working directory, a dataset root) may open
