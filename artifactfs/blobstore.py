@@ -19,6 +19,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -74,8 +75,12 @@ def syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+_OID = re.compile(r"[0-9a-f]{64}")
+
+
 def is_oid(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+    # A regex: a generator over the characters cost a third of a re-log's time.
+    return _OID.fullmatch(name) is not None
 
 
 class BlobStore:
@@ -101,9 +106,10 @@ class BlobStore:
 
     def touch(self, oid: str) -> bool:
         """Refresh a present blob's mtime so gc's grace period covers a log reusing it."""
+        path = self.path(oid)
         try:
-            os.utime(self.path(oid))
-            self._unsynced.append(self.path(oid))  # it may come from a writer that died unsynced
+            os.utime(path)
+            self._unsynced.append(path)  # it may come from a writer that died unsynced
             return True
         except FileNotFoundError:
             return False
