@@ -915,7 +915,7 @@ class VFS:
             return True
         return n.checked and _fingerprint(os.fstat(h.fd)) != n.good
 
-    def read_check(self, h: OpenFile, off: int, size: int, data: bytes) -> None:
+    def read_check(self, h: OpenFile, off: int, size: int, data: bytes | memoryview) -> None:
         """Called by read for references and short reads: raise OSError(EIO) rather than hand
         out bytes other than the logged ones."""
         if len(data) < size and off + len(data) < h.size:
