@@ -237,6 +237,8 @@ class BlobStore:
         less than thousands of fsyncs (measured 2.6x on small-file ingest).
         """
         paths, self._unsynced = self._unsynced, []
+        if not paths:
+            return
         if len(paths) > FSYNC_MAX:
             fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
             try:

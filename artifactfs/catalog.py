@@ -394,6 +394,12 @@ class Catalog:
             raise InvalidName(f"artifact {name!r} has type {art_type!r}, not {type_!r}")
         return art_id, next_index
 
+    def latest_digest(self, name: str) -> str | None:
+        """Manifest digest of the version an artifact's `latest` names (a read; no lock)."""
+        return self.get_val("SELECT v.digest FROM aliases x JOIN versions v ON v.id = x.version_id "  # type: ignore[no-any-return]
+                            "JOIN artifacts a ON a.id = x.artifact_id WHERE a.name = ? AND x.alias = 'latest'",
+                            (name,))
+
     def latest_of(self, art_id: int) -> tuple[VersionId, str] | None:
         """(id, manifest digest) of the version the artifact's `latest` names, if any."""
         row = self.conn.execute("SELECT v.id, v.digest FROM aliases x JOIN versions v ON v.id = x.version_id "

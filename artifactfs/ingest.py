@@ -49,8 +49,13 @@ class FileChanged(ArtifactFSError):
 
 
 def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
-           progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
-    """Hash (and store) every job's file; results in job order."""
+           progress: Progress | None = None, workers: int | None = None,
+           check_hits: bool = True) -> list[Hashed]:
+    """Hash (and store) every job's file; results in job order.
+
+    With `check_hits=False` a stat-cache hit is taken without touching its blob (the caller
+    checks, with `touch_hits`, only if it will name the blobs in a new version).
+    """
     keys: list[StatKey] = []
     for j in jobs:
         keys.append(stat_key(os.stat(j.src)))
@@ -62,7 +67,7 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
         hit = cache.get(k)
         # A cached digest only spares the copy when the blob is still there (touch also
         # refreshes its mtime, so a concurrent gc's grace period covers it).
-        if hit is not None and (not j.store or blobs.touch(hit[0])):
+        if hit is not None and (not j.store or not check_hits or blobs.touch(hit[0])):
             results[i] = Hashed(hit[0], hit[1], k[2], k, True)
             done += 1
         else:
@@ -101,3 +106,12 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
                     if progress and (done % 64 == 0 or done == len(jobs)):
                         progress(done, len(jobs))
     return [r for r in results if r is not None]
+
+
+def touch_hits(jobs: list[Job], hashed: list[Hashed], blobs: BlobStore) -> bool:
+    """Touch the blob of every stored stat-cache hit; False if one is gone (gc collected it)."""
+    ok = True
+    for j, h in zip(jobs, hashed):
+        if h.cached and j.store and not blobs.touch(h.digest):
+            ok = False
+    return ok

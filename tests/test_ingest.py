@@ -149,3 +149,33 @@ def test_unchanged_checksummed_reference_is_not_read_again(
     v = store.log_artifact(art)
     assert rec.opened == []
     assert v.version == v0.version
+
+
+def test_unchanged_relog_touches_no_blob_and_a_new_version_touches_the_ones_it_reuses(
+        store: Store, data_dir: Path, data_files) -> None:
+    """A re-log that returns the latest version needs nothing of its blobs; one that makes a
+    new version refreshes the mtime of each blob it reuses, so gc's grace period covers them."""
+    log_tree(store, data_dir)
+    old = 1_000_000_000
+    paths = {b3(d): Path(store.blobs.path(b3(d))) for d in data_files.values()}
+    for p in paths.values():
+        os.utime(p, (old, old))
+    assert log_tree(store, data_dir).version == "v0"
+    assert {p.stat().st_mtime for p in paths.values()} == {old}
+    (data_dir / "new.txt").write_bytes(b"a new file\n")
+    assert log_tree(store, data_dir).version == "v1"
+    assert all(p.stat().st_mtime > old for p in paths.values())
+
+
+def test_new_version_reusing_a_cached_blob_that_gc_took_stores_it_again(
+        store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
+    log_tree(store, data_dir)
+    gone = Path(store.blobs.path(b3(data_files["a.txt"])))
+    os.chmod(gone, 0o644)
+    gone.unlink()  # as a gc would after a delete
+    (data_dir / "new.txt").write_bytes(b"a new file\n")
+    v = log_tree(store, data_dir)
+    assert v.version == "v1" and gone.exists()
+    out = v.download(root=str(tmp_path / "out"))
+    assert Path(out, "a.txt").read_bytes() == data_files["a.txt"]
+    assert store.fsck().ok  # v0, which shares the blob, is whole again too
