@@ -89,8 +89,11 @@ def manifest_digest(entries: Any) -> str:
     """blake3 over a canonical encoding of the sorted (path, digest, size, ref) tuples."""
     h = blake3.blake3()
     h.update(b"artifactfs-manifest-v1\n")
+    encode = _CANONICAL.encode  # one encoder: json.dumps with options builds one per call
     for e in sorted(entries, key=lambda e: e.path):
-        h.update(json.dumps([e.path, e.digest, e.size, e.ref], ensure_ascii=False,
-                            separators=(",", ":")).encode("utf-8"))
+        h.update(encode([e.path, e.digest, e.size, e.ref]).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
