@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_diff)
 
     s = add("gc", "delete blobs no version uses (older than the grace period)", json_flag=True)
+    s.epilog = ("gc first waits (up to 10 s) until every live mount has acknowledged the last delete, so "
+                "files of deleted versions open through a mount stay readable; a mount that does not "
+                "answer is named on stderr.")
     s.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
     s.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
                    help="keep unreferenced blobs younger than this (default: 3600)")

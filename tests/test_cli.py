@@ -12,6 +12,7 @@ import blake3
 import pytest
 import xxhash
 
+from artifactfs import Artifact, Store
 
 
 def b3(data: bytes) -> str:
@@ -372,3 +373,22 @@ def test_store_flag_wins_over_artifactfs_home(
     cli("log", "ds", data_dir, env={"ARTIFACTFS_HOME": str(home)}, check=True)
     assert open_store(store_root).artifacts() == ["ds"]
     assert not (home / "catalog.db").exists()
+
+
+def test_gc_names_a_mount_that_did_not_acknowledge_the_last_delete(
+        store_root: Path, make_tree, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import artifactfs.store as store_mod
+    from artifactfs import cli as cli_mod
+
+    s = Store(store_root)
+    art = Artifact("ds", type="dataset")
+    art.add_dir(make_tree("a", {"f": b"only in v0"}))
+    s.log_artifact(art)
+    s.register_mount("/mnt/stuck", os.getpid(), None, s.catalog.generation())  # alive, never answers
+    s.delete("ds:v0")
+    s.close()
+    monkeypatch.setattr(store_mod, "MOUNT_ACK_TIMEOUT", 0.2)
+    assert cli_mod.main(["--store", str(store_root), "gc", "--grace", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "freed 1 blobs" in out
+    assert "the mount at /mnt/stuck did not acknowledge the last delete" in err
