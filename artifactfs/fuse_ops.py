@@ -236,12 +236,18 @@ class Operations(pyfuse3.Operations):
             # The kernel may still have names in it cached: make it ask (and get ENOENT), and
             # let it forget (and us unpin) what no open file holds. Before the version's name.
             entries[:0] = [(parent, name) for parent, name, _ in known]
+        if snap.deleted_generation > self.acked:
+            self._ack_due = snap.generation
+        failed: BaseException | None = None
+        try:
+            await self._acknowledge()  # first: gc is waiting, and the files are held already
+        except (ArtifactFSError, OSError) as e:
+            failed = e  # retried at the next poll; the kernel must still forget what changed
         log.debug("catalog generation %d: invalidating %d entries, %d inodes",
                   snap.generation, len(entries), len(inv.inodes))
         await self.invalidator.apply(Invalidation(entries, inv.inodes))
-        if snap.deleted_generation > self.acked:
-            self._ack_due = snap.generation
-        await self._acknowledge()
+        if failed is not None:
+            raise failed
         return True
 
     async def _acknowledge(self) -> None:

@@ -465,6 +465,8 @@ async def test_openless_failed_acknowledgement_is_retried_at_the_next_poll(openl
     store.delete("ds:v0")
     with pytest.raises(OSError):
         await openless.refresh()
+    inv = openless.invalidator.calls[-1]  # type: ignore[attr-defined]
+    assert (await _ds(openless), b"v0") in inv.entries  # the kernel still forgets what changed
     failing[0] = False
     assert not await openless.refresh()  # nothing new in the catalog, but the ack goes out
     assert acks == [store.catalog.generation()]
