@@ -158,16 +158,18 @@ class BlobStore:
             raise _maybe_full(e) from e
         return PutResult(oid, xxh, len(data), written)
 
-    def _clone_verified(self, src_fd: int, fd: int, oid: Digest) -> bool:
-        """Reflink src_fd into fd where the filesystem can; True only if the clone is `oid`."""
+    def _reflink(self, src_fd: int, fd: int) -> bool:
+        """Reflink src_fd into fd where this store's filesystem can (asked once: ext4 and tmpfs
+        cannot, and then it is not asked again)."""
         if self.reflink_ok is False:
             return False
-        try:
-            fcntl.ioctl(fd, FICLONE, src_fd)
-        except OSError:
-            self.reflink_ok = False  # ext4, tmpfs, another filesystem: stop asking
+        self.reflink_ok = reflink(src_fd, fd)
+        return self.reflink_ok
+
+    def _clone_verified(self, src_fd: int, fd: int, oid: Digest) -> bool:
+        """Reflink src_fd into fd where the filesystem can; True only if the clone is `oid`."""
+        if not self._reflink(src_fd, fd):
             return False
-        self.reflink_ok = True
         # The source may have changed since it was hashed: the clone must hold exactly `oid`.
         if hash_fd(fd)[0] == oid:
             return True
@@ -202,16 +204,8 @@ class BlobStore:
         tmp = self._tmp_name()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
-            cloned = False
-            if self.reflink_ok is not False:
-                try:
-                    # A reflink shares extents: no bytes move, and our copy cannot change under us.
-                    fcntl.ioctl(fd, FICLONE, fd_in)
-                    cloned = True
-                except OSError:
-                    pass
-                self.reflink_ok = cloned
-            if not cloned:
+            # A reflink shares extents: no bytes move, and our copy cannot change under us.
+            if not self._reflink(fd_in, fd):
                 copy_fd(fd_in, fd)  # kernel-side copy: the bytes never cross into Python
             # Hash our private copy (hot in the page cache), never the user's file, which may
             # change while we read it.
@@ -246,26 +240,17 @@ class BlobStore:
             finally:
                 os.close(fd)
             return
-        dirs = {self.dir}
-        for p in set(paths):
-            for path, flags in ((p, os.O_RDONLY), (os.path.dirname(p), os.O_RDONLY | os.O_DIRECTORY)):
-                if flags & os.O_DIRECTORY:
-                    if path in dirs:
-                        continue
-                    dirs.add(path)
-                try:
-                    fd = os.open(path, flags | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # collected meanwhile: the log's transaction re-writes it
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)  # a new fan-out directory's own entry
-        finally:
-            os.close(fd)
+        files = set(paths)
+        # The blobs, their fan-out directories (the names), and blobs/ (a new fan-out directory).
+        for path in [*files, *{os.path.dirname(p) for p in files}, self.dir]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # collected meanwhile: the log's transaction re-writes it
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def verify(self, oid: str) -> bool:
         """Re-hash a blob; True when its content matches its name."""
@@ -313,6 +298,15 @@ class BlobStore:
                 except FileNotFoundError:
                     continue  # renamed into place or removed meanwhile
                 yield f.path, st
+
+
+def reflink(src_fd: int, fd: int) -> bool:
+    """Share src_fd's extents into fd (FICLONE); False where the filesystem cannot."""
+    try:
+        fcntl.ioctl(fd, FICLONE, src_fd)
+        return True
+    except OSError:
+        return False
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .artifact import Artifact
-from .errors import ArtifactFSError
+from .errors import ArtifactFSError, one_line
 from .store import ArtifactVersion, Store, default_root
 
 EXIT_ERROR = 1
@@ -385,18 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except (ArtifactFSError, OSError, ValueError, KeyError, sqlite3.Error) as e:
-        print(f"artifactfs: error: {_one_line(e)}", file=sys.stderr)
+        print(f"artifactfs: error: {one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, KeyError) and not isinstance(e, ArtifactFSError):
-        msg = str(e.args[0]) if e.args else "not found"
-    elif isinstance(e, OSError) and e.filename and e.strerror:
-        msg = f"{e.filename}: {e.strerror}"
-    else:
-        msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
 
 
 if __name__ == "__main__":

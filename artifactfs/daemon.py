@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import trio
 
-from .errors import ArtifactFSError
+from .errors import ArtifactFSError, one_line
 
 __all__ = ["mount_command", "umount_command", "sd_notify", "setup_logging", "check_mountpoint",
            "fuse_problem"]
@@ -215,7 +215,7 @@ def umount_command(mountpoint: str) -> int:
         print(f"artifactfs: error: cannot unmount {mountpoint}: no such directory", file=sys.stderr)
         return 1
     except OSError as e:
-        stale = e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        stale = _stale(e)
         if not stale:
             print(f"artifactfs: error: cannot unmount {mountpoint}: {e.strerror}", file=sys.stderr)
             return 1
@@ -240,7 +240,7 @@ def _check_artifact(store_root: str, spec: str) -> str | None:
     try:
         store.artifact(spec)
     except (ArtifactFSError, ValueError, KeyError) as e:
-        return str(e) if not isinstance(e, KeyError) or isinstance(e, ArtifactFSError) else str(e.args[0])
+        return one_line(e)
     finally:
         store.close()
     return None
@@ -479,7 +479,7 @@ class _Daemon:
             log.info("unmounted %s", self.mountpoint)
             return 0
         except (ArtifactFSError, KeyError, ValueError) as e:
-            raise _MountFailed(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from None
+            raise _MountFailed(one_line(e)) from None
         finally:
             watcher.stop()
             if self.registered:

@@ -33,3 +33,14 @@ class ReferenceError_(ArtifactFSError, ValueError):
 
 class StoreFull(ArtifactFSError, OSError):
     """The store's filesystem ran out of space; nothing was logged."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message of an error for one line of stderr (a KeyError without its quotes)."""
+    if isinstance(e, KeyError) and not isinstance(e, ArtifactFSError):
+        msg = str(e.args[0]) if e.args else "not found"
+    elif isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())

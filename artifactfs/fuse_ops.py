@@ -66,8 +66,6 @@ def _to_errno(e: BaseException) -> int:
         return errno.EIO
     if isinstance(e, OSError):
         return e.errno or errno.EIO
-    if isinstance(e, ArtifactFSError):
-        return errno.EIO
     return errno.EIO
 
 

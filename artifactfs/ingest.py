@@ -49,12 +49,12 @@ class FileChanged(ArtifactFSError):
 
 
 def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
-           progress: Progress | None = None, workers: int | None = None,
-           check_hits: bool = True) -> list[Hashed]:
+           progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
     """Hash (and store) every job's file; results in job order.
 
-    With `check_hits=False` a stat-cache hit is taken without touching its blob (the caller
-    checks, with `touch_hits`, only if it will name the blobs in a new version).
+    A stat-cache hit is taken as it is: its blob is neither touched nor checked here. A log
+    that names it in a new version touches it (`touch_hits`), and the log's transaction
+    re-writes it if gc took it meanwhile.
     """
     keys: list[StatKey] = []
     for j in jobs:
@@ -65,9 +65,7 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
     done = 0
     for i, (j, k) in enumerate(zip(jobs, keys)):
         hit = cache.get(k)
-        # A cached digest only spares the copy when the blob is still there (touch also
-        # refreshes its mtime, so a concurrent gc's grace period covers it).
-        if hit is not None and (not j.store or not check_hits or blobs.touch(hit[0])):
+        if hit is not None:
             results[i] = Hashed(hit[0], hit[1], k[2], k, True)
             done += 1
         else:
@@ -108,10 +106,9 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
     return [r for r in results if r is not None]
 
 
-def touch_hits(jobs: list[Job], hashed: list[Hashed], blobs: BlobStore) -> bool:
-    """Touch the blob of every stored stat-cache hit; False if one is gone (gc collected it)."""
-    ok = True
+def touch_hits(jobs: list[Job], hashed: list[Hashed], blobs: BlobStore) -> None:
+    """Refresh the mtime of every stored stat-cache hit's blob, so gc's grace period covers it
+    while the log that reuses it runs (one gc took anyway is re-written in the transaction)."""
     for j, h in zip(jobs, hashed):
-        if h.cached and j.store and not blobs.touch(h.digest):
-            ok = False
-    return ok
+        if h.cached and j.store:
+            blobs.touch(h.digest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -15,10 +14,10 @@ from typing import Any, Iterable
 
 from . import names
 from .artifact import Artifact, LocalFile
-from .blobstore import FICLONE, BlobStore, copy_fd, hash_file
+from .blobstore import BlobStore, copy_fd, hash_file, reflink
 from .catalog import Catalog, EntryRow, VersionRow
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
-from .ingest import Hashed, Job, Progress, ingest, touch_hits
+from .ingest import Job, Progress, ingest, touch_hits
 from .manifest import Manifest, ManifestEntry, manifest_digest
 from .references import FileRef, Tracked, local_path_of, resolve_artifact_ref
 
@@ -144,16 +143,22 @@ class Store:
                     entries[path] = EntryRow(path, item.uri, item.size, item.uri, None, None, {})
             elif isinstance(item, Tracked):
                 entries[path] = EntryRow(path, item.uri, None, item.uri, None, None, {})
-        hashed = self._ingest(jobs, progress, check_hits=False)
-        self._entries_from(entries, job_paths, hashed)
+        try:
+            hashed = ingest(jobs, self.blobs, self.catalog, progress=progress)
+        except FileNotFoundError as e:
+            if e.filename in {j.src for j in jobs}:
+                raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
+            raise
+        for (path, item), h in zip(job_paths, hashed):
+            if isinstance(item, LocalFile):
+                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {})
+            else:
+                fp = dict(zip(("dev", "ino", "size", "mtime_ns", "ctime_ns"), h.key))
+                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, {"fingerprint": fp})
         digest = manifest_digest(_as_entries(entries.values()))
-        if digest != self.catalog.latest_digest(artifact.name) and not touch_hits(jobs, hashed, self.blobs):
-            # A new version will name the blobs of stat-cache hits, and gc took one: store
-            # everything again (touching each blob, so gc's grace period covers it).
-            hashed = self._ingest(jobs, progress, check_hits=True)
-            self._entries_from(entries, job_paths, hashed)
-            digest = manifest_digest(_as_entries(entries.values()))
-        # An unchanged re-log touches and syncs nothing: its blobs belong to the latest version.
+        if digest != self.catalog.latest_digest(artifact.name):
+            touch_hits(jobs, hashed, self.blobs)
+        # else an unchanged re-log touches and syncs nothing: its blobs belong to the latest version.
         cache_rows = [(*h.key, h.digest, h.xxh128) for h in hashed if not h.cached]
         try:
             self.blobs.sync()  # every blob durable before the transaction that names it commits
@@ -176,24 +181,6 @@ class Store:
                 cat.move_aliases(art_id, vid, ["latest", *alias_list])
             cat.store_stat_cache(cache_rows)
         return self.artifact_by_id(vid)
-
-    def _ingest(self, jobs: list[Job], progress: Progress | None, check_hits: bool) -> list[Hashed]:
-        try:
-            return ingest(jobs, self.blobs, self.catalog, progress=progress, check_hits=check_hits)
-        except FileNotFoundError as e:
-            if e.filename in {j.src for j in jobs}:
-                raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
-            raise
-
-    @staticmethod
-    def _entries_from(entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]],
-                      hashed: list[Hashed]) -> None:
-        for (path, item), h in zip(job_paths, hashed):
-            if isinstance(item, LocalFile):
-                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {})
-            else:
-                fp = dict(zip(("dev", "ino", "size", "mtime_ns", "ctime_ns"), h.key))
-                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, {"fingerprint": fp})
 
     def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]]) -> None:
         """Inside the log's transaction: every blob it names must exist (gc may have run)."""
@@ -606,9 +593,7 @@ def _copy_readonly(src: str, dest: str, expect: str | None = None) -> None:
         try:
             fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                try:
-                    fcntl.ioctl(fd_out, FICLONE, fd_in)
-                except OSError:
+                if not reflink(fd_in, fd_out):
                     copy_fd(fd_in, fd_out)
             finally:
                 os.close(fd_in)

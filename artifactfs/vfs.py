@@ -315,6 +315,10 @@ class VFS:
             if n == 1:
                 log.debug("inode collision for key %r", key)
 
+    def _entry_ino(self, vr: VersionRoot, path: str) -> InodeT:
+        """The inode of the file or directory `path` of version `vr` (caller holds _table_lock)."""
+        return self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(path)))
+
     def _top_ino(self, key: bytes) -> InodeT:
         """The inode of a top-layer node: the same as before for the same key."""
         n = 0
@@ -528,7 +532,7 @@ class VFS:
                         # whole build does.
                         log.warning("%s: entries under %r skipped: the path is also a file", vr.label, prefix + item)
                         continue
-                    sub = Dir(self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(prefix + item))), bname, vr, d)
+                    sub = Dir(self._entry_ino(vr, prefix + item), bname, vr, d)
                     sub.children = None  # loaded when first looked at
                     children[bname] = sub
                     self._inodes[sub.ino] = sub
@@ -537,7 +541,7 @@ class VFS:
                 if bleaf in children:
                     log.warning("%s: entry %r skipped: the path is also a directory", vr.label, item.path)
                     continue
-                ino = self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(item.path)))
+                ino = self._entry_ino(vr, item.path)
                 node = self._make_node(vr, ino, bleaf, item)
                 children[bleaf] = node
                 self._inodes[ino] = node
@@ -563,7 +567,6 @@ class VFS:
                     log.warning("cannot watch %s for changes; relying on stat checks", d, exc_info=True)
 
     def _build_from_rows(self, vr: VersionRoot, rows: Iterable[EntryRow]) -> None:
-        vid = vr.vid
         children: dict[bytes, Node] = {}
         dirs: dict[str, Dir] = {}
         new_watch: list[str] = []
@@ -585,7 +588,7 @@ class VFS:
                 if bleaf in parent.children:
                     log.warning("%s: entry %r skipped: the path is also a directory", vr.label, row.path)
                     continue
-                ino = self._new_ino(b"e\x00%d\x00%s" % (vid, _encode(row.path)))
+                ino = self._entry_ino(vr, row.path)
                 node = self._make_node(vr, ino, bleaf, row)
                 parent.children[bleaf] = node
                 self._inodes[ino] = node
@@ -609,7 +612,7 @@ class VFS:
         existing = parent.children.get(bleaf)
         if existing is not None:
             return existing if isinstance(existing, Dir) else None
-        d = Dir(self._new_ino(b"e\x00%d\x00%s" % (vr.vid, _encode(path))), bleaf, vr, parent)
+        d = Dir(self._entry_ino(vr, path), bleaf, vr, parent)
         parent.children[bleaf] = d
         self._inodes[d.ino] = d
         dirs[path] = d

@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import blake3
 
@@ -255,6 +254,13 @@ def blake3_large(path: str) -> None:
     blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path)
 
 
+def _generated(path: str, make: Callable[..., object], *args: Any) -> str:
+    """`path`, made with make(path, *args) the first time it is asked for."""
+    if not os.path.exists(path):
+        make(path, *args)
+    return path
+
+
 class Ctx:
     """Sizes of this run and its data, generated once on first use (fixed seeds)."""
 
@@ -270,24 +276,15 @@ class Ctx:
 
     @property
     def tree(self) -> str:
-        p = os.path.join(self.src, "tree")
-        if not os.path.exists(p):
-            make_tree(p, self.n_files)
-        return p
+        return _generated(os.path.join(self.src, "tree"), make_tree, self.n_files)
 
     @property
     def large(self) -> str:
-        p = os.path.join(self.src, "large", "large.bin")
-        if not os.path.exists(p):
-            make_large(p, self.large_size)
-        return p
+        return _generated(os.path.join(self.src, "large", "large.bin"), make_large, self.large_size)
 
     @property
     def meta(self) -> str:
-        p = os.path.join(self.tmp, "meta")
-        if not os.path.exists(p):
-            make_meta(p, self.n_meta)
-        return p
+        return _generated(os.path.join(self.tmp, "meta"), make_meta, self.n_meta)
 
     @property
     def peers(self) -> Peers | None:
@@ -831,46 +828,25 @@ def parallel(ctx: Ctx) -> list[Row]:
     return rows
 
 
-class _E(NamedTuple):
-    path: str
-    digest: str
-    size: int | None
-    ref: str | None
-
-
 def build_scale_version(store_root: str, name: str, n: int) -> tuple[int, str]:
     """SYNTHETIC: a version of n entries written straight into the catalog, for the scale workload.
 
     Creating a million files on this disk takes ~0.3 ms each, so instead of logging them we
     log a few small files normally (their blobs are real) and then insert a version whose n
     entries (1000 per directory) all point at those blobs, with the right n_entries,
-    total_size and manifest digest, so that fsck finds nothing wrong. This SQL mirrors
-    Store.log_artifact's and lives here, not in artifactfs: it is a benchmark fixture only.
+    total_size and manifest digest, so that fsck finds nothing wrong: the catalog's own
+    insert_version and move_aliases, as Store.log_artifact uses them, minus the files.
     Returns (version index, path of one file in the middle).
     """
     cat = Catalog(os.path.join(store_root, "catalog.db"), create=False)
     try:
-        seeds = cat.query("SELECT e.digest, e.size, e.blob, e.xxh128 FROM entries e JOIN versions v ON v.id = e.version_id "
-                          "JOIN artifacts a ON a.id = v.artifact_id WHERE a.name = ? AND e.blob IS NOT NULL", (name,))
-        rows = []
-        total = 0
-        for i in range(n):
-            digest, size, blob, xxh = seeds[i % len(seeds)]
-            rows.append((f"d{i // 1000:04d}/f{i % 1000:04d}.bin", digest, size, blob, xxh))
-            total += size
-        digest = manifest_digest(_E(p, d, s, None) for p, d, s, _b, _x in rows)
-        with cat.transaction() as c:
-            art_id, idx = c.execute("SELECT id, next_index FROM artifacts WHERE name = ?", (name,)).fetchone()
-            vid = c.execute(
-                "INSERT INTO versions (artifact_id, idx, digest, description, metadata, created_at, n_entries, "
-                "total_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (art_id, idx, digest, "synthetic (scripts/bench scale)", "{}", time.time(), n, total)).lastrowid
-            c.execute("UPDATE artifacts SET next_index = ? WHERE id = ?", (idx + 1, art_id))
-            c.executemany("INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
-                          "VALUES (?, ?, ?, ?, NULL, ?, ?, '{}')", ((vid, *r) for r in rows))
-            c.execute("INSERT INTO aliases (artifact_id, alias, version_id) VALUES (?, 'latest', ?) "
-                      "ON CONFLICT (artifact_id, alias) DO UPDATE SET version_id = excluded.version_id", (art_id, vid))
-            c.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        seeds = [e for e in cat.entries(cat.versions_of(name)[-1].id) if e.blob is not None]
+        rows = [seeds[i % len(seeds)]._replace(path=f"d{i // 1000:04d}/f{i % 1000:04d}.bin") for i in range(n)]
+        with cat.transaction():
+            art_id, idx = cat.artifact_for_log(name, "dataset", time.time())
+            vid = cat.insert_version(art_id, idx, manifest_digest(rows), "synthetic (scripts/bench scale)", {},
+                                     time.time(), rows)
+            cat.move_aliases(art_id, vid, ["latest"])
         mid = n // 2
         return idx, f"d{mid // 1000:04d}/f{mid % 1000:04d}.bin"
     finally:
@@ -878,11 +854,14 @@ def build_scale_version(store_root: str, name: str, n: int) -> tuple[int, str]:
 
 
 def daemon_pid(store_root: str, mountpoint: str) -> int:
-    with contextlib.closing(sqlite3.connect(os.path.join(store_root, "catalog.db"), timeout=60)) as c:
-        r = c.execute("SELECT pid FROM mounts WHERE mountpoint = ?", (os.path.abspath(mountpoint),)).fetchone()
-    if r is None:
+    cat = Catalog(os.path.join(store_root, "catalog.db"), create=False)
+    try:
+        pids = [pid for mp, pid, _art in cat.mounts() if mp == os.path.abspath(mountpoint)]
+    finally:
+        cat.close()
+    if not pids:
         raise RuntimeError(f"no row for {mountpoint} in the catalog's mounts table")
-    return int(r[0])
+    return pids[0]
 
 
 def vm_rss(pid: int) -> int:

@@ -19,11 +19,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 MOUNT_DEADLINE = 20.0
+
+
+def wait_until(pred: Callable[[], object], timeout: float) -> bool:
+    """Poll `pred` every 50 ms until it is true or `timeout` seconds pass; its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
 
 
 def fuse_available() -> tuple[bool, str]:

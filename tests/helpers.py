@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import blake3
+
 from artifactfs import Artifact, ArtifactVersion, Store
+
+
+def b3(data: bytes) -> str:
+    """The blob id of `data`."""
+    return blake3.blake3(data).hexdigest()
 
 
 def log_files(store: Store, name: str, files: dict[str, bytes], aliases: Iterable[str] = ()) -> ArtifactVersion:

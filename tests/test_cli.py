@@ -8,15 +8,11 @@ import os
 import time
 from pathlib import Path
 
-import blake3
 import pytest
 import xxhash
 
 from artifactfs import Artifact, Store
-
-
-def b3(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+from helpers import b3
 
 
 def tree_bytes(root: str | os.PathLike[str]) -> dict[str, bytes]:

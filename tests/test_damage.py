@@ -274,21 +274,26 @@ def test_check_entry_counts_finds_a_wrong_entry_count(open_store, built: Path) -
     assert [d.versions for d in report.damage] == [["ds:v0"]]
 
 
-def test_check_catalog_integrity_finds_a_null_in_a_not_null_column(open_store, built: Path) -> None:
-    # Relax the column's NOT NULL in the stored schema, store a NULL, restore the schema.
+def store_null(built: Path, table: str, column_def: str, update: str) -> None:
+    """Run `update` (which stores a NULL) with `column_def`'s NOT NULL relaxed in the stored
+    schema of `table`, then put the schema back: a row SQLite itself would refuse."""
     db = built / "catalog.db"
     c = sqlite3.connect(db, isolation_level=None)
-    schema = c.execute("SELECT sql FROM sqlite_master WHERE name = 'artifacts'").fetchone()[0]
-    relaxed = schema.replace("created_at  REAL NOT NULL", "created_at  REAL")
+    schema = c.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    relaxed = schema.replace(column_def, column_def.replace(" NOT NULL", ""))
     assert relaxed != schema
     c.execute("PRAGMA writable_schema = ON")
-    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'artifacts'", (relaxed,))
+    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = ?", (relaxed, table))
     c.close()
     c = sqlite3.connect(db, isolation_level=None)
-    c.execute("UPDATE artifacts SET created_at = NULL")
+    c.execute(update)
     c.execute("PRAGMA writable_schema = ON")
-    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'artifacts'", (schema,))
+    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = ?", (schema, table))
     c.close()
+
+
+def test_check_catalog_integrity_finds_a_null_in_a_not_null_column(open_store, built: Path) -> None:
+    store_null(built, "artifacts", "created_at  REAL NOT NULL", "UPDATE artifacts SET created_at = NULL")
     report = fsck(open_store, built)
     assert kinds(report) == {"catalog"}
 
@@ -368,19 +373,8 @@ def test_cli_fsck_repair_json_lists_the_quarantined_blob(cli, built: Path, corru
 
 
 def test_fsck_reports_a_null_extra_instead_of_crashing(open_store, built: Path) -> None:
-    db = built / "catalog.db"
-    c = sqlite3.connect(db, isolation_level=None)
-    schema = c.execute("SELECT sql FROM sqlite_master WHERE name = 'entries'").fetchone()[0]
-    relaxed = schema.replace("extra       TEXT NOT NULL DEFAULT '{}'", "extra       TEXT DEFAULT '{}'")
-    assert relaxed != schema
-    c.execute("PRAGMA writable_schema = ON")
-    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'entries'", (relaxed,))
-    c.close()
-    c = sqlite3.connect(db, isolation_level=None)
-    c.execute("UPDATE entries SET extra = NULL WHERE path = 'a.txt'")
-    c.execute("PRAGMA writable_schema = ON")
-    c.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'entries'", (schema,))
-    c.close()
+    store_null(built, "entries", "extra       TEXT NOT NULL DEFAULT '{}'",
+               "UPDATE entries SET extra = NULL WHERE path = 'a.txt'")
     report = fsck(open_store, built)
     assert not report.ok
 

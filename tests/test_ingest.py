@@ -13,14 +13,10 @@ import os
 import threading
 from pathlib import Path
 
-import blake3
 import pytest
 
 from artifactfs import Artifact, Store
-
-
-def b3(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+from helpers import b3
 
 
 class OpenRecorder:

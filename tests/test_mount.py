@@ -14,13 +14,12 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
-from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, pid_alive, require_fuse  # noqa: F401
+from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, require_fuse, wait_until  # noqa: F401
 from helpers import log_files
 
 pytestmark = pytest.mark.fuse
@@ -41,15 +40,6 @@ def run(*cmd: str | os.PathLike[str], check: bool = True) -> subprocess.Complete
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}: {p.stderr}")
     return p
-
-
-def wait_until(pred: Any, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
 
 
 @pytest.fixture

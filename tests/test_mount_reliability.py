@@ -14,28 +14,18 @@ import random
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
-from fusehelpers import Mounter, mounter  # noqa: F401
+from fusehelpers import Mounter, mounter, wait_until  # noqa: F401
 from mountchurn import Churner, Readers, log_files, read_range
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-
-
-def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def blob_path(store: Store, spec: str, entry: str) -> Path:
