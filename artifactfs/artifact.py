@@ -20,8 +20,10 @@ from typing import IO, Any, Iterator
 from . import names
 from .blobstore import hash_file
 from .errors import InvalidName
-from .manifest import Manifest, ManifestEntry
-from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference, walk_files
+from .leases import pid_alive
+from .manifest import Manifest, ManifestEntry, symlink_digest
+from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
+from .tree import DIRECTORY, SYMLINK, walk_tree
 
 __all__ = ["Artifact"]
 
@@ -31,9 +33,22 @@ class LocalFile:
     """A local file whose bytes go into the blob store at log time."""
 
     src: str  # absolute path
+    executable: bool = False
 
 
-Pending = LocalFile | FileRef | Tracked
+@dataclass(frozen=True, slots=True)
+class Symlink:
+    """A symlink kept as one (its target stays inside the directory it was added with)."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyDir:
+    """An empty directory, kept so the tree comes back as it was."""
+
+
+Pending = LocalFile | Symlink | EmptyDir | FileRef | Tracked
 
 
 class Artifact:
@@ -61,6 +76,10 @@ class Artifact:
         self._artifact_refs: list[PendingArtifactRef] = []
         self._local_names: dict[str, str] = {}  # absolute local path -> entry path
         self._staging: str | None = None
+        # Set by Store.import_wandb: entry path -> ("md5" | "xxh128", base64 digest) the content
+        # must have, and extra fields to keep.
+        self._expect: dict[str, tuple[str, str]] = {}
+        self._extra: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"Artifact({self.name!r}, type={self.type!r}, entries={len(self._pending)})"
@@ -82,16 +101,18 @@ class Artifact:
             raise InvalidName(f"{local_path}: not a regular file (use add_dir for directories)")
         path = names.check_entry_path(name if name is not None else os.path.basename(src))
         self._check_free([path])
-        self._pending[path] = LocalFile(src)
+        self._pending[path] = LocalFile(src, bool(st.st_mode & 0o111))
         self._local_names[src] = path
-        return ManifestEntry(path, "", st.st_size)
+        return ManifestEntry(path, "", st.st_size, executable=bool(st.st_mode & 0o111))
 
     def add_dir(self, local_path: str | os.PathLike[str], name: str | None = None) -> None:
-        """Add every regular file below a directory, as `name/<relative path>`.
+        """Add a directory's tree, as `name/<relative path>`: every file (keeping its executable
+        bit), every empty directory, and each symlink whose relative target stays inside the
+        directory, as a symlink.
 
-        Symlinks to regular files are stored with their target's content (as `cp -L` would);
-        symlinks to directories are not followed, so loops and trees outside are never walked.
-        Other special files (sockets, FIFOs, devices) are skipped.
+        A symlink that is absolute, points outside or loops is followed as `cp -L` would: a
+        regular file target is stored as a file, a directory target is skipped (so loops and
+        trees outside are never walked). Sockets, FIFOs and devices are skipped.
         """
         root = os.path.abspath(os.fspath(local_path))
         if not os.path.isdir(root):
@@ -100,16 +121,26 @@ class Artifact:
             raise InvalidName(f"{local_path}: not a directory (use add_file for files)")
         if name is not None:
             names.check_entry_path(name)
-        found: list[tuple[str, str]] = []
-        for src, rel, _size in walk_files(root):
+        found: list[tuple[str, Pending, str]] = []
+        for f in walk_tree(root):
             try:
-                found.append((names.join_entry(name, rel), src))
+                path = names.join_entry(name, f.rel)
             except InvalidName as e:
-                raise InvalidName(f"cannot add {src!r}: {e}") from None
-        self._check_free([p for p, _ in found])
-        for path, src in found:
-            self._pending[path] = LocalFile(src)
-            self._local_names[src] = path
+                raise InvalidName(f"cannot add {f.src!r}: {e}") from None
+            item: Pending
+            if f.kind == SYMLINK:
+                assert f.target is not None
+                item = Symlink(f.target)
+            elif f.kind == DIRECTORY:
+                item = EmptyDir()
+            else:
+                item = LocalFile(f.src, f.executable)
+            found.append((path, item, f.src))
+        self._check_free([p for p, _, _ in found])
+        for path, item, src in found:
+            self._pending[path] = item
+            if isinstance(item, LocalFile):
+                self._local_names[src] = path
 
     def new_file(self, name: str, mode: str = "x", encoding: str | None = None) -> _NewFile:
         """Open a new file that becomes entry `name` when closed (text mode unless mode has 'b')."""
@@ -174,12 +205,19 @@ class Artifact:
         m = Manifest()
         for path, item in self._pending.items():
             if isinstance(item, LocalFile):
-                d, xxh, size = hash_file(item.src)
-                m.entries[path] = ManifestEntry(path, d, size, None, {"xxh128": xxh})
+                h = hash_file(item.src)
+                m.entries[path] = ManifestEntry(path, h.digest, h.size, None, {"xxh128": h.xxh128},
+                                                executable=item.executable)
+            elif isinstance(item, Symlink):
+                m.entries[path] = ManifestEntry(path, symlink_digest(item.target), len(item.target.encode()),
+                                                kind=SYMLINK, target=item.target)
+            elif isinstance(item, EmptyDir):
+                m.entries[path] = ManifestEntry(path, "", 0, kind=DIRECTORY)
             elif isinstance(item, FileRef):
                 if item.checksum:
-                    d, xxh, size = hash_file(item.src)
-                    m.entries[path] = ManifestEntry(path, d, size, item.uri, {"xxh128": xxh})
+                    h = hash_file(item.src, md5=True)
+                    m.entries[path] = ManifestEntry(path, h.digest, h.size, item.uri,
+                                                    {"xxh128": h.xxh128, "md5": h.md5})
                 else:
                     m.entries[path] = ManifestEntry(path, item.uri, item.size, item.uri)
             else:
@@ -190,10 +228,37 @@ class Artifact:
         return iter(self._pending.items())
 
     def _staging_dir(self) -> str:
+        """The draft's own temp directory for new_file and add: removed when the draft goes
+        away (or at exit); a killed process's is removed by the next draft that stages."""
         if self._staging is None:
-            self._staging = tempfile.mkdtemp(prefix="artifactfs-draft-")
+            _sweep_dead_drafts()
+            self._staging = tempfile.mkdtemp(prefix=f"{DRAFT_PREFIX}{os.getpid()}-")
             weakref.finalize(self, shutil.rmtree, self._staging, True)
         return self._staging
+
+
+DRAFT_PREFIX = "artifactfs-draft-"
+
+
+def _sweep_dead_drafts() -> None:
+    """Remove our own staging directories of processes that are gone (killed before cleaning up)."""
+    tmp = tempfile.gettempdir()
+    try:
+        names_ = os.listdir(tmp)
+    except OSError:
+        return
+    me = os.getuid()
+    for n in names_:
+        if not n.startswith(DRAFT_PREFIX):
+            continue
+        pid = n[len(DRAFT_PREFIX):].split("-", 1)[0]
+        path = os.path.join(tmp, n)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != me or pid_alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _NewFile:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Iterator, NamedTuple, NewType
 
-from .errors import CatalogError, InvalidName, StoreFull
+from .errors import CatalogDamaged, CatalogError, InvalidName, StoreFull
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VersionId = NewType("VersionId", int)
+StatKey = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -31,6 +32,16 @@ class EntryRow(NamedTuple):
     blob: str | None
     xxh128: str | None
     extra: dict[str, Any]
+    kind: str = "file"  # "file", "symlink" or "directory"
+    executable: bool = False
+    target: str | None = None  # a symlink's target
+
+
+_ENTRY_COLS = "path, digest, size, ref, blob, xxh128, extra, kind, executable, target"
+
+
+def _entry_row(r: tuple[Any, ...]) -> EntryRow:
+    return EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]), r[7], bool(r[8]), r[9])
 
 
 class VersionRow(NamedTuple):
@@ -75,7 +86,7 @@ def _map_error(e: sqlite3.Error, path: str) -> Exception:
     if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "unable to open" in msg):
         return CatalogError(f"catalog {path}: {msg}")
     if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
-        return CatalogError(f"catalog {path} is damaged or not a database: {msg}")
+        return CatalogDamaged(f"catalog {path} is damaged or not a database: {msg}")
     return CatalogError(f"catalog {path}: {msg}")
 
 
@@ -143,9 +154,11 @@ class Catalog:
         c = self.conn
         v = c.execute("PRAGMA user_version").fetchone()[0]
         if v == 0:
-            raise CatalogError(f"catalog {self.path} is empty or not an artifactfs catalog")
+            raise CatalogDamaged(f"catalog {self.path} is empty or not an artifactfs catalog")
         if v == 1:
             self._migrate_1_to_2()
+        if v <= 2:
+            self._migrate_2_to_3()
         if v > SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog {self.path} has schema version {v}; this artifactfs knows up to {SCHEMA_VERSION}"
@@ -166,6 +179,22 @@ class Catalog:
                 c.execute("ALTER TABLE mounts ADD COLUMN seen_generation INTEGER NOT NULL DEFAULT 0")
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('deleted_generation', 0)")
             c.execute("PRAGMA user_version = 2")
+
+    def _migrate_2_to_3(self) -> None:
+        """Version 3 keeps trees as they are (entries.kind, executable, target) and lets the
+        stat cache hold the MD5 W&B needs for file references (stat_cache.md5)."""
+        with self.transaction():
+            c = self.conn
+            if c.execute("PRAGMA user_version").fetchone()[0] != 2:
+                return
+            cols = {r[1] for r in c.execute("PRAGMA table_info(entries)")}
+            if "kind" not in cols:
+                c.execute("ALTER TABLE entries ADD COLUMN kind TEXT NOT NULL DEFAULT 'file'")
+                c.execute("ALTER TABLE entries ADD COLUMN executable INTEGER NOT NULL DEFAULT 0")
+                c.execute("ALTER TABLE entries ADD COLUMN target TEXT")
+            if "md5" not in {r[1] for r in c.execute("PRAGMA table_info(stat_cache)")}:
+                c.execute("ALTER TABLE stat_cache ADD COLUMN md5 TEXT")
+            c.execute("PRAGMA user_version = 3")
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)
@@ -265,11 +294,9 @@ class Catalog:
     def iter_entries(self, vid: int) -> Iterator[EntryRow]:
         """The entries of a version in path order, streamed from the cursor (no list of all)."""
         try:
-            cur = self.conn.execute(
-                "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries WHERE version_id = ? ORDER BY path",
-                (vid,))
+            cur = self.conn.execute(f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? ORDER BY path", (vid,))
             for r in cur:
-                yield EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]))
+                yield _entry_row(r)
         except sqlite3.Error as e:
             raise _map_error(e, self.path) from e
 
@@ -282,7 +309,7 @@ class Catalog:
         The cursor is stepped lazily: SQLite reads no row we do not look at.
         """
         # Paths in the subtree of P + name are >= P + name + "/" and < P + name + "0".
-        cols = "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries WHERE version_id = ? AND path >= ?"
+        cols = f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path >= ?"
         start = prefix
         try:
             while True:
@@ -298,7 +325,7 @@ class Catalog:
                         yield name
                         start = prefix + name + "0"
                         break
-                    yield EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]))
+                    yield _entry_row(r)
                 else:
                     return
                 cur.close()
@@ -306,15 +333,14 @@ class Catalog:
             raise _map_error(e, self.path) from e
 
     def entry(self, vid: int, path: str) -> EntryRow | None:
-        r = self.get_row("SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
-                         "WHERE version_id = ? AND path = ?", (vid, path))
-        return None if r is None else EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]))
+        r = self.get_row(f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path = ?", (vid, path))
+        return None if r is None else _entry_row(r)
 
     def entries_under(self, vid: int, prefix: str) -> list[EntryRow]:
         # Range scan on the primary key: every path starting with prefix.
-        return [EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6])) for r in self.query(
-            "SELECT path, digest, size, ref, blob, xxh128, extra FROM entries "
-            "WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path", (vid, prefix, prefix + "\U0010ffff"))]
+        return [_entry_row(r) for r in self.query(
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path",
+            (vid, prefix, prefix + "\U0010ffff"))]
 
     def snapshot(self) -> Snapshot:
         """Artifacts, versions and aliases as one consistent picture (one read transaction)."""
@@ -363,20 +389,22 @@ class Catalog:
 
     # -- stat cache -------------------------------------------------------------------------
 
-    def stat_cache_lookup(self, keys: list[tuple[int, int, int, int, int]]) -> dict[tuple[int, int, int, int, int], tuple[str, str]]:
-        """Map each (dev, ino, size, mtime_ns, ctime_ns) found unchanged to (blake3, xxh128)."""
-        found: dict[tuple[int, int, int, int, int], tuple[str, str]] = {}
+    def stat_cache_lookup(self, keys: list[StatKey]) -> dict[StatKey, tuple[str, str, str | None]]:
+        """Map each (dev, ino, size, mtime_ns, ctime_ns) found unchanged to (blake3, xxh128, md5);
+        md5 is None when it was not computed."""
+        found: dict[StatKey, tuple[str, str, str | None]] = {}
         wanted = {(k[0], k[1]): k for k in keys}
         pairs = list(wanted)
         for i in range(0, len(pairs), 400):
             chunk = pairs[i:i + 400]
             cond = " OR ".join(["(dev = ? AND ino = ?)"] * len(chunk))
             params = [x for p in chunk for x in p]
-            for dev, ino, size, mt, ct, b3, xx in self.query(
-                    f"SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128 FROM stat_cache WHERE {cond}", params):
+            for dev, ino, size, mt, ct, b3, xx, md5 in self.query(
+                    f"SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 FROM stat_cache WHERE {cond}",
+                    params):
                 k = wanted.get((dev, ino))
                 if k is not None and k == (dev, ino, size, mt, ct):
-                    found[k] = (b3, xx)
+                    found[k] = (b3, xx, md5)
         return found
 
     # -- writes: call these inside `with catalog.transaction():` ---------------------------------
@@ -417,9 +445,9 @@ class Catalog:
             (art_id, index, digest, description, json.dumps(metadata), created_at, len(rows), total)).lastrowid
         c.execute("UPDATE artifacts SET next_index = ? WHERE id = ?", (index + 1, art_id))
         c.executemany(
-            "INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            ((vid, e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, json.dumps(e.extra)) for e in rows))
+            f"INSERT INTO entries (version_id, {_ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ((vid, e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, json.dumps(e.extra), e.kind,
+              int(e.executable), e.target) for e in rows))
         return VersionId(int(vid or 0))
 
     def move_aliases(self, art_id: int, vid: int, aliases: list[str]) -> None:
@@ -457,10 +485,11 @@ class Catalog:
         c.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'generation') "
                   "WHERE key = 'deleted_generation'")
 
-    def store_stat_cache(self, rows: list[tuple[int, int, int, int, int, str, str]]) -> None:
+    def store_stat_cache(self, rows: list[tuple[int, int, int, int, int, str, str, str | None]]) -> None:
+        """(dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 or None) of freshly hashed files."""
         if rows:
             self.conn.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, "
-                                  "xxh128) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                                  "xxh128, md5) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def set_mount(self, mountpoint: str, pid: int, artifact: str | None, started_at: float,
                   seen_generation: int) -> None:
@@ -486,7 +515,7 @@ def _extra(path: str, text: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         value = None
     if not isinstance(value, dict):
-        raise CatalogError(f"entry {path!r} has a malformed extra field (run `artifactfs fsck`)")
+        raise CatalogDamaged(f"entry {path!r} has a malformed extra field (run `artifactfs fsck`)")
     return value
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
-import time
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, Callable, Iterator
 
 from . import __version__
 from .artifact import Artifact
-from .errors import ArtifactFSError, one_line
+from .errors import ArtifactFSError, CatalogDamaged, one_line
 from .store import ArtifactVersion, Store, default_root
 
 EXIT_ERROR = 1
 EXIT_DAMAGE = 3
+SHOW_LIMIT = 50  # entries `show` lists without --all
 
 
 def _human(n: int | None) -> str:
@@ -34,21 +34,27 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 file`, `2 files` (`many` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def _when(t: datetime) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on a terminal (stderr); nothing when output is not a terminal."""
+    """A rich progress bar in bytes on a terminal (stderr); nothing when output is not a terminal."""
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as prog:
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
         task = prog.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -78,12 +84,18 @@ def _version_json(v: ArtifactVersion, *, files: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {
         "name": v.name, "version": v.version, "index": v.index, "type": v.type, "digest": v.digest,
         "aliases": v.aliases, "description": v.description, "metadata": v.metadata,
-        "created_at": v.created_at, "size": v.size, "files": v.file_count,
+        "created_at": v.created_at.isoformat(), "size": v.size, "files": v.file_count,
     }
     if files:
-        d["entries"] = [{"path": e.path, "digest": e.digest, "size": e.size, "ref": e.ref, "extra": e.extra}
+        d["entries"] = [{"path": e.path, "kind": e.kind, "digest": e.digest, "size": e.size, "ref": e.ref,
+                         "executable": e.executable, "target": e.target, "extra": e.extra}
                         for e in v.files()]
     return d
+
+
+def _summary(v: ArtifactVersion) -> str:
+    return (f"{v.qualified_name}  {plural(v.file_count, 'entry', 'entries')}, {_human(v.size)}, "
+            f"aliases: {', '.join(v.aliases)}, digest {v.digest[:16]}")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -112,8 +124,17 @@ def cmd_log(store: Store, a: argparse.Namespace) -> int:
     if a.json:
         _print_json(_version_json(v))
     else:
-        print(f"{v.qualified_name}  {v.file_count} files, {_human(v.size)}, "
-              f"aliases: {', '.join(v.aliases)}, digest {v.digest[:16]}")
+        print(_summary(v))
+    return 0
+
+
+def cmd_import_wandb(store: Store, a: argparse.Namespace) -> int:
+    with progress_bar(f"importing {a.name}") as prog:
+        v = store.import_wandb(a.name, a.manifest, a.dir, type=a.type, aliases=a.alias, progress=prog)
+    if a.json:
+        _print_json(_version_json(v))
+    else:
+        print(_summary(v))
     return 0
 
 
@@ -123,18 +144,18 @@ def cmd_ls(store: Store, a: argparse.Namespace) -> int:
         if a.json:
             _print_json([_version_json(v) for v in vs])
         else:
-            _table(a.name, ["version", "aliases", "files", "size", "created", "digest"],
+            _table(a.name, ["version", "aliases", "entries", "size", "created", "digest"],
                    [[v.version, ", ".join(v.aliases), v.file_count, _human(v.size),
                      _when(v.created_at), v.digest[:16]] for v in vs])
         return 0
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in store.artifacts():
         vs = store.versions(name)
         latest = vs[-1]
         rows.append({"name": name, "type": latest.type, "versions": len(vs), "latest": latest.version,
                      "size": latest.size, "created_at": latest.created_at})
     if a.json:
-        _print_json(rows)
+        _print_json([{**r, "created_at": r["created_at"].isoformat()} for r in rows])
     elif rows:
         _table(None, ["name", "type", "versions", "latest", "size", "logged"],
                [[r["name"], r["type"], r["versions"], r["latest"], _human(r["size"]), _when(r["created_at"])]
@@ -144,22 +165,34 @@ def cmd_ls(store: Store, a: argparse.Namespace) -> int:
     return 0
 
 
+def _what(e: Any) -> str:
+    if e.kind == "symlink":
+        return f"-> {e.target}"
+    if e.kind == "directory":
+        return "(empty directory)"
+    return e.ref or ""
+
+
 def cmd_show(store: Store, a: argparse.Namespace) -> int:
     v = store.artifact(a.spec)
     if a.json:
         _print_json(_version_json(v, files=True))
         return 0
+    files = v.files()
     print(f"{v.qualified_name}  type {v.type}  aliases: {', '.join(v.aliases)}")
     print(f"digest      {v.digest}")
     print(f"logged      {_when(v.created_at)}")
-    print(f"size        {_human(v.size)} in {len(v.manifest.entries)} files")
+    print(f"size        {_human(v.size)} in {plural(len(files), 'entry', 'entries')}")
     if v.description:
         print(f"description {v.description}")
     if v.metadata:
         print(f"metadata    {json.dumps(v.metadata)}")
-    _table(None, ["path", "size", "digest", "ref"],
-           [[e.path, _human(e.size), e.digest[:16] if e.is_checked_content else "-", e.ref or ""]
-            for e in v.files()])
+    shown = files if a.all else files[:SHOW_LIMIT]
+    _table(None, ["path", "mode", "size", "digest", "ref / target"],
+           [[e.path, f"{e.mode:o}", _human(e.size) if e.kind == "file" else "-",
+             e.digest[:16] if e.is_checked_content else "-", _what(e)] for e in shown])
+    if len(shown) < len(files):
+        print(f"... and {plural(len(files) - len(shown), 'more entry', 'more entries')} (--all lists every one)")
     return 0
 
 
@@ -170,7 +203,8 @@ def cmd_manifest(store: Store, a: argparse.Namespace) -> int:
 
 def cmd_get(store: Store, a: argparse.Namespace) -> int:
     v = store.artifact(a.spec)
-    print(v.download(a.dest))
+    with progress_bar(f"downloading {v.qualified_name}") as prog:
+        print(v.download(a.dest, progress=prog))
     return 0
 
 
@@ -178,7 +212,7 @@ def cmd_verify(store: Store, a: argparse.Namespace) -> int:
     v = store.artifact(a.spec)
     with progress_bar(f"verifying {v.qualified_name}") as prog:
         v.verify(a.dir, progress=prog)
-    print(f"{v.qualified_name}: {len(v.manifest.entries)} files verified"
+    print(f"{v.qualified_name}: {plural(v.file_count, 'entry', 'entries')} verified"
           + (f" in {a.dir}" if a.dir else ""))
     return 0
 
@@ -195,9 +229,8 @@ def cmd_alias(store: Store, a: argparse.Namespace) -> int:
 
 
 def cmd_delete(store: Store, a: argparse.Namespace) -> int:
-    v = store.artifact(a.spec)
-    store.delete(v.qualified_name)
-    print(f"deleted {v.qualified_name} (its blobs go at the next gc)")
+    store.delete(a.spec, delete_aliases=a.delete_aliases)
+    print(f"deleted {a.spec} (`artifactfs gc` frees its blobs)")
     return 0
 
 
@@ -206,7 +239,11 @@ def cmd_diff(store: Store, a: argparse.Namespace) -> int:
     ea, eb = va.manifest.entries, vb.manifest.entries
     added = sorted(set(eb) - set(ea))
     removed = sorted(set(ea) - set(eb))
-    changed = sorted(p for p in set(ea) & set(eb) if (ea[p].digest, ea[p].ref) != (eb[p].digest, eb[p].ref))
+
+    def key(e: Any) -> tuple[Any, ...]:
+        return (e.digest, e.ref, e.kind, e.executable, e.target)
+
+    changed = sorted(p for p in set(ea) & set(eb) if key(ea[p]) != key(eb[p]))
     if a.json:
         _print_json({"a": va.qualified_name, "b": vb.qualified_name, "added": added, "removed": removed,
                      "changed": changed})
@@ -230,7 +267,8 @@ def cmd_gc(store: Store, a: argparse.Namespace) -> int:
                      "temp_files_removed": r.temp_files_removed, "mounts_behind": r.mounts_behind})
     else:
         verb = "would free" if r.dry_run else "freed"
-        print(f"gc {verb} {r.blobs_freed} blobs ({_human(r.bytes_freed)}) and {r.temp_files_removed} temp files")
+        print(f"gc {verb} {plural(r.blobs_freed, 'blob')} ({_human(r.bytes_freed)}) and "
+              f"{plural(r.temp_files_removed, 'temp file')}")
     for mp in r.mounts_behind:
         print(f"warning: the mount at {mp} did not acknowledge the last delete in time; files of deleted "
               "versions open there may fail to read", file=sys.stderr)
@@ -239,14 +277,17 @@ def cmd_gc(store: Store, a: argparse.Namespace) -> int:
 
 def cmd_fsck(store: Store, a: argparse.Namespace) -> int:
     with progress_bar("checking blobs") as prog:
-        r = store.fsck(repair=a.repair, progress=prog)
+        r = store.fsck(repair=a.repair, progress=prog, references=a.references)
     if a.json:
         _print_json(r.to_json())
     else:
         for d in r.damage:
             print(f"DAMAGE {d}")
-        print(f"fsck: {r.blobs_checked} blobs checked, {len(r.damage)} problems, "
-              f"{r.garbage_blobs} unreferenced blobs ({_human(r.garbage_bytes)}) of garbage"
+        for c in r.changed_references:
+            print(f"CHANGED {c}")
+        print(f"fsck: {plural(r.blobs_checked, 'blob')} checked, {plural(len(r.damage), 'problem')}, "
+              f"{plural(r.garbage_blobs, 'unreferenced blob')} ({_human(r.garbage_bytes)}) of garbage"
+              + (f", {plural(r.references_checked, 'reference')} checked" if a.references else "")
               + (f", {len(r.quarantined)} quarantined" if r.quarantined else ""))
     return 0 if r.ok else EXIT_DAMAGE
 
@@ -266,87 +307,122 @@ def cmd_umount(a: argparse.Namespace) -> int:
 
 # -- parsing ----------------------------------------------------------------------------------
 
+STORE_HELP = ("the store root (default: $ARTIFACTFS_HOME, else $XDG_DATA_HOME/artifactfs, else "
+              "~/.local/share/artifactfs); accepted before or after the command")
+SPEC_HELP = "an artifact version: NAME:vN, NAME:ALIAS, or NAME for its latest"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="artifactfs",
         description="A content-addressed artifact store with a read-only FUSE view.",
         epilog="The store is --store PATH, else $ARTIFACTFS_HOME, else $XDG_DATA_HOME/artifactfs, "
-               "else ~/.local/share/artifactfs.")
-    p.add_argument("--store", metavar="PATH", help="the store root (default: see below)", default=None)
+               "else ~/.local/share/artifactfs. `artifactfs COMMAND --help` tells the rest.")
+    p.add_argument("--store", metavar="PATH", help=STORE_HELP, default=None)
     p.add_argument("--version", action="version", version=f"artifactfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help: str, json_flag: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    def add(name: str, help: str, json_flag: bool = False, epilog: str | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog)
+        # After the command too; SUPPRESS keeps a --store given before the command.
+        sp.add_argument("--store", metavar="PATH", help=STORE_HELP, default=argparse.SUPPRESS)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sp
 
-    s = add("log", "log files and directories as a new version of an artifact", json_flag=True)
-    s.add_argument("name", metavar="NAME")
+    s = add("log", "log files and directories as a new version of an artifact", json_flag=True,
+            epilog="A directory keeps its tree: executable bits, empty directories, and symlinks that stay "
+                   "inside it (others are followed as `cp -L` would). Logging what the latest version holds "
+                   "returns that version. A progress bar in bytes shows on a terminal.")
+    s.add_argument("name", metavar="NAME", help="the artifact's name (letters, digits, '.', '_', '-')")
     s.add_argument("paths", metavar="PATH", nargs="*",
                    help="a directory's contents go at the root of the version; a file under its base name")
     s.add_argument("--type", default="dataset", help="artifact type (default: dataset)")
     s.add_argument("--alias", action="append", default=[], metavar="A", help="alias to add (repeatable)")
     s.add_argument("--ref", action="append", default=[], metavar="URI",
                    help="add a reference: file:///path, artifact://NAME:VER/PATH, s3://... (repeatable)")
-    s.add_argument("--description", default=None, metavar="D")
-    s.add_argument("--metadata", default=None, metavar="JSON", help="a JSON object")
+    s.add_argument("--description", default=None, metavar="D", help="free text describing the version")
+    s.add_argument("--metadata", default=None, metavar="JSON", help="a JSON object kept with the version")
     s.set_defaults(func=cmd_log)
 
+    s = add("import-wandb", "log a W&B artifact (its wandb_manifest.json and files) as a new version",
+            json_flag=True,
+            epilog="Content is read from DIR (what W&B's artifact.download() wrote) or, without DIR, from W&B's "
+                   "cache ($WANDB_CACHE_DIR, else ~/.cache/wandb). Every file is checked against its W&B digest "
+                   "(MD5, or XXH128) first: a missing or different file refuses the whole import, naming the "
+                   "entry. References stay references.")
+    s.add_argument("name", metavar="NAME", help="the artifact to log the version into")
+    s.add_argument("manifest", metavar="MANIFEST", help="path of the wandb_manifest.json")
+    s.add_argument("dir", metavar="DIR", nargs="?", help="the directory W&B downloaded the artifact to")
+    s.add_argument("--type", default="dataset", help="artifact type (default: dataset)")
+    s.add_argument("--alias", action="append", default=[], metavar="A", help="alias to add (repeatable)")
+    s.set_defaults(func=cmd_import_wandb)
+
     s = add("ls", "list artifacts, or the versions of one", json_flag=True)
-    s.add_argument("name", metavar="NAME", nargs="?")
+    s.add_argument("name", metavar="NAME", nargs="?", help="list this artifact's versions (oldest first)")
     s.set_defaults(func=cmd_ls)
 
-    s = add("show", "show a version and its files", json_flag=True)
-    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s = add("show", "show a version and its entries", json_flag=True)
+    s.add_argument("spec", metavar="NAME[:VERSION]", help=SPEC_HELP)
+    s.add_argument("--all", action="store_true", help=f"list every entry (default: the first {SHOW_LIMIT})")
     s.set_defaults(func=cmd_show)
 
-    s = add("manifest", "print a version's manifest in the W&B v1 JSON layout")
-    s.add_argument("spec", metavar="NAME[:VERSION]")
+    s = add("manifest", "print a version's manifest in the W&B v1 JSON layout (wandb_manifest.json)")
+    s.add_argument("spec", metavar="NAME[:VERSION]", help=SPEC_HELP)
     s.set_defaults(func=cmd_manifest)
 
-    s = add("get", "download a version's files (default ./artifacts/NAME:vN; the mount's path when mounted)")
-    s.add_argument("spec", metavar="NAME[:VERSION]")
-    s.add_argument("dest", metavar="DEST", nargs="?")
+    s = add("get", "download a version's files (default ./artifacts/NAME:vN; the mount's path when mounted)",
+            epilog="Files are reflinked where the filesystem can, else copied, and read-only (0444, or 0555 for "
+                   "executables); symlinks and empty directories come back as they were logged.")
+    s.add_argument("spec", metavar="NAME[:VERSION]", help=SPEC_HELP)
+    s.add_argument("dest", metavar="DEST", nargs="?", help="the directory to write to")
     s.set_defaults(func=cmd_get)
 
     s = add("verify", "re-hash a version's blobs (or the files in DIR) against its manifest")
-    s.add_argument("spec", metavar="NAME[:VERSION]")
-    s.add_argument("dir", metavar="DIR", nargs="?")
+    s.add_argument("spec", metavar="NAME[:VERSION]", help=SPEC_HELP)
+    s.add_argument("dir", metavar="DIR", nargs="?",
+                   help="check this directory holds exactly the version's tree (as `get` writes it)")
     s.set_defaults(func=cmd_verify)
 
     s = add("alias", "point an alias at a version, or remove it")
-    s.add_argument("spec", metavar="NAME:VERSION")
-    s.add_argument("alias", metavar="ALIAS")
+    s.add_argument("spec", metavar="NAME:VERSION", help="the version the alias should name")
+    s.add_argument("alias", metavar="ALIAS", help="the alias ('latest' is managed automatically)")
     s.add_argument("--remove", action="store_true", help="remove the alias instead")
     s.set_defaults(func=cmd_alias)
 
-    s = add("delete", "delete a version (its blobs go at the next gc)")
-    s.add_argument("spec", metavar="NAME:VERSION")
+    s = add("delete", "delete one version (`gc` then frees its blobs)",
+            epilog="Refused, with nothing changed: a bare NAME (it would mean the latest version; name it as "
+                   "NAME:vN or NAME:latest), and a version that holds aliases other than 'latest' unless "
+                   "--delete-aliases is given. 'latest' moves to the newest version left.")
+    s.add_argument("spec", metavar="NAME:VERSION", help="the version: NAME:vN or NAME:ALIAS")
+    s.add_argument("--delete-aliases", action="store_true",
+                   help="also delete the aliases the version holds (as W&B's delete_aliases=True)")
     s.set_defaults(func=cmd_delete)
 
-    s = add("diff", "compare the files of two versions", json_flag=True)
-    s.add_argument("a", metavar="A")
-    s.add_argument("b", metavar="B")
+    s = add("diff", "compare the entries of two versions", json_flag=True)
+    s.add_argument("a", metavar="A", help="the first version (" + SPEC_HELP + ")")
+    s.add_argument("b", metavar="B", help="the second version")
     s.set_defaults(func=cmd_diff)
 
-    s = add("gc", "delete blobs no version uses (older than the grace period)", json_flag=True)
-    s.epilog = ("gc first waits (up to 10 s) until every live mount has acknowledged the last delete, so "
-                "files of deleted versions open through a mount stay readable; a mount that does not "
-                "answer is named on stderr.")
+    s = add("gc", "free the blobs no version uses and no running log holds", json_flag=True,
+            epilog="Blobs of deleted versions go at once. gc first waits (up to 10 s) until every live mount has "
+                   "acknowledged the last delete, so files of deleted versions open through a mount stay "
+                   "readable; a mount that does not answer is named on stderr.")
     s.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
-    s.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
-                   help="keep unreferenced blobs younger than this (default: 3600)")
+    s.add_argument("--grace", type=float, default=0, metavar="SECONDS",
+                   help="also keep unreferenced blobs written less than this long ago (default: 0)")
     s.set_defaults(func=cmd_gc)
 
-    s = add("fsck", "check the store; exit 3 when a blob is missing or corrupt", json_flag=True)
-    s.add_argument("--repair", action="store_true", help="quarantine corrupt blobs")
+    s = add("fsck", "check the store; exit 3 on any damage (a damaged catalog too)", json_flag=True)
+    s.add_argument("--repair", action="store_true",
+                   help="quarantine corrupt blobs (a later log of their source restores them)")
+    s.add_argument("--references", action="store_true",
+                   help="also re-check checksummed file:// references and list the changed ones")
     s.set_defaults(func=cmd_fsck)
 
     s = add("mount", "mount the store (or one version) read-only at MOUNT; returns once the mount is ready. "
                      "A background daemon logs to $ARTIFACTFS_LOG_FILE, else ~/.local/state/artifactfs/mount.log")
-    s.add_argument("mountpoint", metavar="MOUNT")
+    s.add_argument("mountpoint", metavar="MOUNT", help="an empty directory to mount on")
     s.add_argument("--artifact", metavar="NAME:VERSION", help="mount only this version, at the root of MOUNT")
     s.add_argument("--allow-other", action="store_true", help="let other users read (needs user_allow_other)")
     s.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
@@ -355,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash each blob on its first read and refuse a corrupt one with EIO")
     s.set_defaults(func=None, special="mount")
 
-    s = add("umount", "unmount MOUNT; its daemon exits")
-    s.add_argument("mountpoint", metavar="MOUNT")
+    s = add("umount", "unmount an artifactfs mount; its daemon exits (anything else is refused)")
+    s.add_argument("mountpoint", metavar="MOUNT", help="where artifactfs is mounted")
     s.set_defaults(func=None, special="umount")
     return p
 
@@ -370,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         root = os.path.abspath(a.store) if a.store else default_root()
         if getattr(a, "special", None) == "mount":
             return cmd_mount(root, a)
-        # Commands that only read refuse to create a store where none is.
-        creating = a.func is cmd_log
-        if not creating and not os.path.isdir(root):
-            raise ArtifactFSError(f"no store at {root} (log an artifact first, or pass --store)")
-        store = Store(root, create=creating)
+        # Commands that only read refuse to create a store where none is (Store says why).
+        try:
+            store = Store(root, create=a.func in (cmd_log, cmd_import_wandb))
+        except CatalogDamaged as e:
+            if a.func is cmd_fsck:
+                print(f"DAMAGE catalog: {one_line(e)}")
+                return EXIT_DAMAGE
+            raise
         try:
             return int(a.func(store, a))
         finally:
@@ -384,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (ArtifactFSError, OSError, ValueError, KeyError, sqlite3.Error) as e:
+    except (ArtifactFSError, OSError, ValueError, KeyError) as e:
         print(f"artifactfs: error: {one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
 

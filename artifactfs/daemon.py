@@ -452,7 +452,7 @@ class _Daemon:
             version = None
             if self.artifact is not None:
                 v = store.artifact(self.artifact)  # an alias is resolved once, now
-                version = VersionInfo(v.id, v.name, v.index, v.created_at)
+                version = VersionInfo(v.id, v.name, v.index, v.created_at.timestamp())
                 self.label = f"{v.name}:v{v.index}"
             vfs = VFS(store, version=version, verify_blobs=self.verify_reads, watch=watcher.watch)
             watcher.start(vfs.mark_in_doubt)

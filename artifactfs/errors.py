@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ArtifactFSError(Exception):
     """Base class of every error artifactfs raises on purpose."""
@@ -24,7 +26,11 @@ class DigestMismatch(ArtifactFSError):
 
 
 class CatalogError(ArtifactFSError):
-    """The catalog is damaged, not a database, or from a newer artifactfs."""
+    """The catalog cannot be used: damaged, not a database, locked, or from a newer artifactfs."""
+
+
+class CatalogDamaged(CatalogError):
+    """The catalog is damaged or not an artifactfs catalog (fsck reports it as damage)."""
 
 
 class ReferenceError_(ArtifactFSError, ValueError):
@@ -33,6 +39,13 @@ class ReferenceError_(ArtifactFSError, ValueError):
 
 class StoreFull(ArtifactFSError, OSError):
     """The store's filesystem ran out of space; nothing was logged."""
+
+
+def maybe_full(e: OSError) -> OSError:
+    """StoreFull for an out-of-space error (ENOSPC, EDQUOT), else `e` itself."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(e.errno, f"the store's filesystem is full: {e.strerror}")
+    return e
 
 
 def one_line(e: BaseException) -> str:

@@ -7,14 +7,17 @@ Damage (a version would hand out wrong or no bytes) makes the report not ok; gar
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .blobstore import hash_file
-from .errors import InvalidName
-from .ingest import Progress
+from .blobstore import hash_file, is_oid
+from .errors import CatalogError, InvalidName
+from .ingest import Meter, Progress
 from .manifest import ManifestEntry, manifest_digest
 from .names import check_entry_path
+from .references import local_path_of, logged_fingerprint, open_checked_ref
+from .tree import DIRECTORY, FILE, SYMLINK, check_link_target
 
 if TYPE_CHECKING:
     from .store import Store
@@ -39,6 +42,8 @@ class FsckReport:
     garbage_bytes: int = 0
     blobs_checked: int = 0
     quarantined: list[str] = field(default_factory=list)
+    references_checked: int = 0
+    changed_references: list[str] = field(default_factory=list)  # "NAME:vN/path: what changed"
 
     @property
     def ok(self) -> bool:
@@ -61,6 +66,8 @@ class FsckReport:
             "garbage_bytes": self.garbage_bytes,
             "blobs_checked": self.blobs_checked,
             "quarantined": self.quarantined,
+            "references_checked": self.references_checked,
+            "changed_references": self.changed_references,
         }
 
 
@@ -71,14 +78,19 @@ class Fsck:
         self.progress = progress
         self.report = FsckReport()
 
-    def run(self, repair: bool = False) -> FsckReport:
-        self.check_catalog_integrity()
-        self.check_blobs(repair)
-        self.check_manifest_digests()
-        self.check_entry_paths()
-        self.check_blob_rows()
-        self.check_latest_alias()
-        self.check_entry_counts()
+    def run(self, repair: bool = False, references: bool = False) -> FsckReport:
+        checks = [self.check_catalog_integrity, lambda: self.check_blobs(repair), self.check_manifest_digests,
+                  self.check_entry_paths, self.check_blob_rows, self.check_entry_kinds, self.check_latest_alias,
+                  self.check_entry_counts]
+        if references:
+            checks.append(self.check_references)
+        for check in checks:
+            try:
+                check()
+            except CatalogError as e:
+                # A catalog too damaged to read is damage like any other (exit 3), not a crash.
+                self._damage("catalog", str(e))
+                break
         return self.report
 
     def _damage(self, kind: str, detail: str, blob: str | None = None, versions: list[str] | None = None) -> None:
@@ -98,14 +110,13 @@ class Fsck:
                 self.report.garbage_blobs += 1
                 self.report.garbage_bytes += st.st_size
         todo = sorted(referenced)
-        for i, oid in enumerate(todo):
-            if self.progress:
-                self.progress(i, len(todo))
+        meter = Meter(self.progress, sum(present[o].st_size for o in todo if o in present))
+        for oid in todo:
             if oid not in present:
                 self._damage("missing-blob", f"blob {oid} is missing", oid, self.cat.versions_using_blob(oid))
                 continue
             try:
-                got, _, _ = hash_file(self.store.blobs.path(oid))
+                got = hash_file(self.store.blobs.path(oid), count=meter.add).digest
             except OSError as e:
                 self._damage("unreadable-blob", f"blob {oid}: {e.strerror}", oid, self.cat.versions_using_blob(oid))
                 continue
@@ -118,16 +129,17 @@ class Fsck:
                     self.report.quarantined.append(oid)
                     detail += f"; quarantined to {dest}"
                 self._damage("corrupt-blob", detail, oid, versions)
-        if self.progress:
-            self.progress(len(todo), len(todo))
+        meter.finish()
 
     def check_manifest_digests(self) -> None:
         """Each version's digest is the digest of its entries (no row added, lost or changed)."""
         for vid, name, idx, digest in self.cat.query(
                 "SELECT v.id, a.name, v.idx, v.digest FROM versions v JOIN artifacts a ON a.id = v.artifact_id"):
             # Raw columns: a malformed extra field is check_blob_rows' to report, not a crash here.
-            rows = self.cat.query("SELECT path, digest, size, ref FROM entries WHERE version_id = ?", (vid,))
-            got = manifest_digest(ManifestEntry(*r) for r in rows)
+            rows = self.cat.query("SELECT path, digest, size, ref, kind, executable, target FROM entries "
+                                  "WHERE version_id = ?", (vid,))
+            got = manifest_digest(ManifestEntry(p, d, sz, ref, kind=k, executable=bool(x), target=t)
+                                  for p, d, sz, ref, k, x, t in rows)
             if got != digest:
                 self._damage("bad-manifest", f"entries of {name}:v{idx} do not match its manifest digest",
                              None, [f"{name}:v{idx}"])
@@ -156,6 +168,49 @@ class Fsck:
                     raise ValueError
             except (TypeError, ValueError):
                 self._damage("bad-row", f"entry {path!r} has a malformed extra field", None, [f"{name}:v{idx}"])
+
+    def check_entry_kinds(self) -> None:
+        """Every entry is a file, a symlink whose target stays inside the version, or a
+        directory with no entries below it."""
+        for name, idx, path, kind, target, blob in self.cat.query(
+                "SELECT a.name, v.idx, e.path, e.kind, e.target, e.blob FROM entries e "
+                "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id"):
+            where = [f"{name}:v{idx}"]
+            if kind not in (FILE, SYMLINK, DIRECTORY):
+                self._damage("bad-row", f"entry {path!r} has an unknown kind {kind!r}", None, where)
+            elif kind == SYMLINK:
+                try:
+                    check_link_target(path, target)
+                except InvalidName as e:
+                    self._damage("bad-link", str(e), None, where)
+            elif kind == DIRECTORY and blob is not None:
+                self._damage("bad-row", f"directory entry {path!r} names a blob", blob, where)
+
+    def check_references(self) -> None:
+        """Each checksummed file:// reference still holds its logged content (re-hashed where its
+        stat changed). A changed one the store holds a copy of is served from the copy: listed,
+        not damage."""
+        for name, idx, path, digest, ref, extra in self.cat.query(
+                "SELECT a.name, v.idx, e.path, e.digest, e.ref, e.extra FROM entries e "
+                "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id "
+                "WHERE e.ref LIKE 'file://%' AND e.blob IS NULL AND e.digest != e.ref ORDER BY a.name, v.idx, e.path"):
+            local = local_path_of(ref)
+            try:
+                fp = logged_fingerprint(json.loads(extra))
+            except (TypeError, ValueError):
+                fp = None
+            fd = open_checked_ref(local, digest, fp) if local else None
+            self.report.references_checked += 1
+            if fd is not None:
+                os.close(fd)
+                continue
+            label = f"{name}:v{idx}/{path}"
+            if is_oid(digest) and self.store.blobs.has(digest):
+                self.report.changed_references.append(f"{label}: {local} changed; served from the store's copy")
+            else:
+                self.report.changed_references.append(f"{label}: {local} changed")
+                self._damage("changed-reference", f"{label}: referenced file {local} changed or is gone since it "
+                             "was logged (reading it fails with EIO)", None, [f"{name}:v{idx}"])
 
     def check_latest_alias(self) -> None:
         """Every artifact with versions has `latest` on its newest version; aliases name live versions."""

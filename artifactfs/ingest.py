@@ -8,15 +8,18 @@ reading it at all.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from .blobstore import BlobStore, hash_file
-from .catalog import Catalog
+from .blobstore import BlobStore, Hashes, Holder, hash_file
+from .catalog import Catalog, StatKey
 from .errors import ArtifactFSError
+from .references import fingerprint as stat_key
 
-StatKey = tuple[int, int, int, int, int]
+# Told (bytes done, bytes in all) as long work goes on; from any thread, at most ~20 times a second.
 Progress = Callable[[int, int], None]
 
 
@@ -25,14 +28,41 @@ def default_workers() -> int:
     return max(2, min(32, (os.cpu_count() or 1) * 2))
 
 
-def stat_key(st: os.stat_result) -> StatKey:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+class Meter:
+    """Counts bytes done from many threads and tells a Progress, throttled (a callback per small
+    file would cost more than the file)."""
+
+    INTERVAL = 0.05
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if self.progress is None:
+            return
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self._last < self.INTERVAL:
+                return
+            self._last = now
+            done = self.done
+        self.progress(done, self.total)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.total, self.total)
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
     src: str
     store: bool  # True: copy into the blob store; False: only hash (a checksummed reference)
+    md5: bool = False  # also compute the MD5 (W&B's digest of file references and MD5 imports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +72,20 @@ class Hashed:
     size: int
     key: StatKey  # the file's stat when hashed
     cached: bool  # True when the stat cache answered and nothing was read
+    md5: str | None = None
 
 
 class FileChanged(ArtifactFSError):
     """A source file changed while it was being logged."""
 
 
-def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
+def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *, lease: Holder | None = None,
            progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
-    """Hash (and store) every job's file; results in job order.
+    """Hash (and store) every job's file; results in job order. Progress is in bytes.
 
-    A stat-cache hit is taken as it is: its blob is neither touched nor checked here. A log
-    that names it in a new version touches it (`touch_hits`), and the log's transaction
-    re-writes it if gc took it meanwhile.
+    Every blob is held by `lease` before it is written or reused, so gc leaves it alone. A
+    stat-cache hit is taken as it is (nothing read; its blob held but not checked here): the
+    log's transaction re-writes one that gc took meanwhile.
     """
     keys: list[StatKey] = []
     for j in jobs:
@@ -62,30 +93,41 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
     cache = catalog.stat_cache_lookup(keys) if keys else {}
     results: list[Hashed | None] = [None] * len(jobs)
     todo: list[int] = []
-    done = 0
+    meter = Meter(progress, sum(k[2] for k in keys))
+    hits: list[str] = []
     for i, (j, k) in enumerate(zip(jobs, keys)):
         hit = cache.get(k)
-        if hit is not None:
-            results[i] = Hashed(hit[0], hit[1], k[2], k, True)
-            done += 1
+        if hit is not None and not (j.md5 and hit[2] is None):
+            results[i] = Hashed(hit[0], hit[1], k[2], k, True, hit[2])
+            if j.store:
+                hits.append(hit[0])
         else:
             todo.append(i)
-    if progress:
-        progress(done, len(jobs))
+    if lease is not None:
+        lease.hold_many(hits)
+    meter.add(sum(keys[i][2] for i, r in enumerate(results) if r is not None))
 
     def work(i: int) -> Hashed:
         j = jobs[i]
         for _attempt in range(3):
+            counted = 0
+
+            def count(n: int) -> None:
+                nonlocal counted
+                counted += n
+                meter.add(n)
+
             if j.store:
-                r, st0, st1 = blobs.put_file_stat(j.src)
-                d, x, size = r.oid, r.xxh128, r.size
+                r, st0, st1 = blobs.put_file_stat(j.src, lease=lease, md5=j.md5, count=count)
+                h = Hashes(r.oid, r.xxh128, r.size, r.md5)
                 before, after = stat_key(st0), stat_key(st1)
             else:
                 before = stat_key(os.stat(j.src))
-                d, x, size = hash_file(j.src)
+                h = hash_file(j.src, md5=j.md5, count=count)
                 after = stat_key(os.stat(j.src))
-            if before == after and size == after[2]:
-                return Hashed(d, x, size, after, False)
+            if before == after and h.size == after[2]:
+                return Hashed(h.digest, h.xxh128, h.size, after, False, h.md5)
+            meter.add(-counted)  # read again
         raise FileChanged(f"{j.src} kept changing while it was being logged; nothing was logged")
 
     if todo:
@@ -93,22 +135,9 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *,
         if len(todo) == 1 or n == 1:
             for i in todo:
                 results[i] = work(i)
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
         else:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="artifactfs-ingest") as pool:
                 for i, res in zip(todo, pool.map(work, todo)):
                     results[i] = res
-                    done += 1
-                    if progress and (done % 64 == 0 or done == len(jobs)):
-                        progress(done, len(jobs))
+    meter.finish()
     return [r for r in results if r is not None]
-
-
-def touch_hits(jobs: list[Job], hashed: list[Hashed], blobs: BlobStore) -> None:
-    """Refresh the mtime of every stored stat-cache hit's blob, so gc's grace period covers it
-    while the log that reuses it runs (one gc took anyway is re-written in the transaction)."""
-    for j, h in zip(jobs, hashed):
-        if h.cached and j.store:
-            blobs.touch(h.digest)

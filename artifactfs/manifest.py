@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import blake3
 
-if TYPE_CHECKING:
-    pass
+from .tree import DIRECTORY, FILE, SYMLINK, Kind, Outcome, resolve_link
 
-STORAGE_POLICY = "artifactfs-blake3"
+__all__ = ["ManifestEntry", "Manifest", "manifest_digest", "WANDB_STORAGE_POLICY", "INTERNAL_EXTRA"]
+
+# W&B SDK 0.31 registers only this storage policy; it needs storagePolicyConfig.storageLayout.
+WANDB_STORAGE_POLICY = "wandb-storage-policy-v1"
+WANDB_STORAGE_LAYOUT = "V2"
+# Keys of `extra` that are ours to keep (digests, the stat fingerprint, what an import kept of W&B's
+# entry), not the user's; W&B's export writes them in its own form.
+INTERNAL_EXTRA = frozenset({"xxh128", "fingerprint", "md5", "wandb"})
 
 
 @dataclass
 class ManifestEntry:
-    """One file of an artifact: its path, content digest, size and, for references, its URI.
+    """One entry of an artifact version: a file, a symlink or an (empty) directory.
 
-    `digest` is the blake3 hex of the content, or the URI for references logged without a
-    checksum and for tracked references. `extra` holds the XXH128 digest (`xxh128`), a
-    reference's stat fingerprint and the source of an `artifact://` reference.
+    `kind` is "file", "symlink" or "directory". A file's `digest` is the blake3 hex of its
+    content, or the URI for references logged without a checksum and for tracked references;
+    `executable` says whether it had an x bit. A symlink's `target` is its relative target, its
+    digest the blake3 of the target's UTF-8 bytes and its size their length; a directory has
+    digest "" and size 0 (only empty directories are entries: others are implied by their
+    contents). `extra` holds the XXH128 digest (`xxh128`), a reference's stat fingerprint and
+    MD5, and the source of an `artifact://` reference.
     """
 
     path: str
@@ -28,70 +40,192 @@ class ManifestEntry:
     size: int | None = None
     ref: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: Kind = FILE
+    executable: bool = False
+    target: str | None = None
     blob: str | None = field(default=None, repr=False)  # blob id when the store holds the bytes
     _download: Callable[[ManifestEntry, str | None], str] | None = field(default=None, repr=False, compare=False)
 
     def download(self, root: str | None = None) -> str:
-        """Return a local path holding this entry's bytes (inside a mount when one is live)."""
+        """Return a local path holding this entry (inside a mount when one is live)."""
         if self._download is None:
             raise RuntimeError(f"entry {self.path!r} belongs to no logged version")
         return self._download(self, root)
 
     @property
     def is_tracked(self) -> bool:
-        return self.ref is not None and self.digest == self.ref and self.size is None
+        """A reference recorded as given (no size, nothing read): served as a symlink to its URI."""
+        return self.kind == FILE and self.ref is not None and self.digest == self.ref and self.size is None
 
     @property
     def is_checked_content(self) -> bool:
-        """True when `digest` is a blake3 digest of the bytes (blob or checksummed ref)."""
-        return not (self.ref is not None and self.digest == self.ref)
+        """True for a file whose `digest` is a blake3 digest of its bytes (blob or checksummed ref)."""
+        return self.kind == FILE and not (self.ref is not None and self.digest == self.ref)
+
+    @property
+    def mode(self) -> int:
+        """The permission bits downloads and the mount give it (0o555 or 0o444; 0o777 for links)."""
+        if self.kind == SYMLINK:
+            return 0o777
+        return 0o555 if self.executable or self.kind == DIRECTORY else 0o444
+
+
+def symlink_digest(target: str) -> str:
+    """The digest of a symlink entry: blake3 of its target (as git names a link by its target)."""
+    return blake3.blake3(target.encode("utf-8")).hexdigest()
 
 
 @dataclass
 class Manifest:
     entries: dict[str, ManifestEntry] = field(default_factory=dict)
+    _dirs: set[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def digest(self) -> str:
         return manifest_digest(self.entries.values())
 
+    def resolve(self, path: str, target: str, visit: Callable[[str], None] | None = None) -> str | Outcome:
+        """Where the symlink `path` -> `target` leads inside this version (see tree.resolve_link)."""
+        return resolve_link(path, target, self._lookup, visit)
+
+    def _lookup(self, p: str) -> tuple[Kind, str | None] | None:
+        e = self.entries.get(p)
+        if e is not None:
+            return e.kind, e.target
+        return (DIRECTORY, None) if p == "" or self._is_parent(p) else None
+
+    def _is_parent(self, p: str) -> bool:
+        """True when `p` is a directory implied by the entries below it (computed once: the
+        entries of a logged version do not change)."""
+        if self._dirs is None:
+            dirs: set[str] = set()
+            for q in self.entries:
+                parts = q.split("/")
+                for i in range(1, len(parts)):
+                    dirs.add("/".join(parts[:i]))
+            self._dirs = dirs
+        return p in self._dirs
+
+    def files_below(self, prefix: str) -> Iterator[ManifestEntry]:
+        """Entries whose path starts with `prefix` + "/" (all of them for "")."""
+        head = prefix + "/" if prefix else ""
+        for p in sorted(self.entries):
+            if p.startswith(head):
+                yield self.entries[p]
+
     def to_manifest_json(self) -> dict[str, Any]:
-        """The W&B `wandb_manifest.json` v1 layout with XXH128 digests."""
+        """The W&B `wandb_manifest.json` v1 layout, loadable by W&B SDK 0.31.
+
+        Content entries carry base64 XXH128 (`extra.alg = "XXH128"`, our blake3 in `extra.blake3`);
+        checksummed file:// references the base64 MD5 of their content (what W&B's LocalFileHandler
+        re-hashes); unchecked ones W&B's MD5 of the URI; tracked references the URI. W&B has no
+        directories or symlinks: empty directories are left out and a symlink is exported as
+        what it points at (a file's content, or a directory's files below the link's path).
+        """
         contents: dict[str, Any] = {}
         for path in sorted(self.entries):
             e = self.entries[path]
-            d: dict[str, Any] = {}
-            xxh = e.extra.get("xxh128")
-            if e.is_checked_content and xxh:
-                d["digest"] = xxh
-                extra = {"alg": "XXH128", "blake3": e.digest}
-            else:
-                d["digest"] = e.digest
-                extra = {}
-            for k, v in e.extra.items():
-                if k not in ("xxh128", "fingerprint"):
-                    extra[k] = v
-            if e.ref is not None:
-                d["ref"] = e.ref
-            if e.size is not None:
-                d["size"] = e.size
-            if extra:
-                d["extra"] = extra
-            contents[path] = d
+            if e.kind == FILE:
+                contents[path] = _wandb_entry(e)
+            elif e.kind == SYMLINK:
+                for sub, target in self._link_contents(e, set()):
+                    contents[sub] = _wandb_entry(target)
         return {
             "version": 1,
-            "storagePolicy": STORAGE_POLICY,
-            "storagePolicyConfig": {},
-            "contents": contents,
+            "storagePolicy": WANDB_STORAGE_POLICY,
+            "storagePolicyConfig": {"storageLayout": WANDB_STORAGE_LAYOUT},
+            "contents": dict(sorted(contents.items())),
         }
 
+    def _link_contents(self, link: ManifestEntry, seen: set[str]) -> Iterator[tuple[str, ManifestEntry]]:
+        """(path under the link, file entry) for what a symlink points at; dangling: nothing."""
+        assert link.target is not None
+        where = self.resolve(link.path, link.target)
+        if isinstance(where, Outcome):
+            return
+        e = self.entries.get(where)
+        if e is not None and e.kind == FILE:
+            yield link.path, e
+            return
+        if e is not None or (where != "" and not self._is_parent(where)) or where in seen:
+            return  # an empty directory, nothing, or a directory already being expanded (a cycle)
+        seen = seen | {where}
+        cut = len(where) + 1 if where else 0
+        for sub in self.files_below(where):
+            dest = f"{link.path}/{sub.path[cut:]}"
+            if sub.kind == FILE:
+                yield dest, sub
+            elif sub.kind == SYMLINK:
+                for p, t in self._link_contents(sub, seen):
+                    yield dest + p[len(sub.path):], t
 
-def manifest_digest(entries: Any) -> str:
-    """blake3 over a canonical encoding of the sorted (path, digest, size, ref) tuples."""
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def md5_string_b64(s: str) -> str:
+    """W&B's digest of a reference logged without a checksum: base64 MD5 of the URI."""
+    return _b64(hashlib.md5(s.encode("utf-8"), usedforsecurity=False).digest())
+
+
+def _wandb_entry(e: ManifestEntry) -> dict[str, Any]:
+    """One entry of W&B's `contents`."""
+    user = {k: v for k, v in e.extra.items() if k not in INTERNAL_EXTRA}
+    kept = e.extra.get("wandb")
+    d: dict[str, Any]
+    if isinstance(kept, dict):
+        # An imported reference W&B records in a way we do not verify (an S3 ETag, ...): as it was.
+        d = {"digest": kept.get("digest", e.digest)}
+        if kept.get("size") is not None:
+            d["size"] = kept["size"]
+        extra = dict(kept.get("extra") or {})
+        extra.update(user)
+    elif e.is_checked_content and e.ref is None:
+        d = {"digest": e.extra.get("xxh128") or e.digest, "size": e.size}
+        extra = {"alg": "XXH128", "blake3": e.digest, **user} if e.extra.get("xxh128") else {"blake3": e.digest, **user}
+    elif e.is_checked_content:
+        md5 = e.extra.get("md5")
+        if md5:
+            d = {"digest": md5, "size": e.size}
+            extra = {"blake3": e.digest, **user}
+        else:  # logged before MD5 was recorded for references: W&B cannot re-hash this one
+            d = {"digest": e.extra.get("xxh128") or e.digest, "size": e.size}
+            extra = {"alg": "XXH128", "blake3": e.digest, **user}
+    elif e.ref is not None and e.ref.startswith("file://") and not e.is_tracked:
+        d = {"digest": md5_string_b64(e.ref), "size": e.size}  # as W&B logs checksum=False
+        extra = user
+    else:
+        d = {"digest": e.digest}
+        if e.size is not None:
+            d["size"] = e.size
+        extra = user
+    if e.ref is not None:
+        d["ref"] = e.ref
+    if extra:
+        d["extra"] = extra
+    return d
+
+
+def manifest_digest(entries: Iterable[Any]) -> str:
+    """blake3 over a canonical encoding of the sorted entries.
+
+    A plain file is `[path, digest, size, ref]` (as before symlinks and directories existed, so
+    older versions keep their digests); an executable file adds "x", a symlink "l" and its
+    target, a directory "d".
+    """
     h = blake3.blake3()
     h.update(b"artifactfs-manifest-v1\n")
     encode = _CANONICAL.encode  # one encoder: json.dumps with options builds one per call
     for e in sorted(entries, key=lambda e: e.path):
-        h.update(encode([e.path, e.digest, e.size, e.ref]).encode("utf-8"))
+        fields: list[Any] = [e.path, e.digest, e.size, e.ref]
+        kind = getattr(e, "kind", FILE)
+        if kind == SYMLINK:
+            fields += ["l", e.target]
+        elif kind == DIRECTORY:
+            fields.append("d")
+        elif getattr(e, "executable", False):
+            fields.append("x")
+        h.update(encode(fields).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
 

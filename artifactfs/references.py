@@ -15,12 +15,60 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from . import names
+from .blobstore import hash_fd
 from .errors import ArtifactFSError, InvalidName, NotFound, ReferenceError_
 
 if TYPE_CHECKING:
     from .catalog import Catalog, EntryRow
 
 DEFAULT_MAX_OBJECTS = 10_000_000
+
+# What a referenced file's stat must still say for its logged content to be trusted unread.
+Fingerprint = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+FINGERPRINT_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+def fingerprint(st: os.stat_result) -> Fingerprint:
+    """The stat fingerprint of a file: also the stat cache's key. ctime is in it because a file
+    rewritten at the same size with its mtime put back still gets a new ctime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def logged_fingerprint(extra: dict[str, object]) -> Fingerprint | None:
+    """The fingerprint a checksummed reference was logged with (None if it has none)."""
+    fp = extra.get("fingerprint")
+    if not isinstance(fp, dict):
+        return None
+    try:
+        return tuple(int(fp[k]) for k in FINGERPRINT_FIELDS)  # type: ignore[return-value]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def holds_digest(fd: int, digest: str, fp: Fingerprint) -> bool:
+    """Re-hash an open referenced file: True when it holds `digest` and its fingerprint stayed
+    `fp` while it was read (the one check both the API and the mount make on a changed file)."""
+    return hash_fd(fd).digest == digest and fingerprint(os.fstat(fd)) == fp
+
+
+def open_checked_ref(local: str, digest: str, good: Fingerprint | None) -> int | None:
+    """A descriptor of the referenced file when it still holds the logged content, else None.
+
+    An unchanged fingerprint is trusted; any other is re-hashed (the API's path; the mount adds
+    its own memory of good and bad states on top of the same two checks)."""
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fp = fingerprint(os.fstat(fd))
+        if fp == good or holds_digest(fd, digest, fp):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

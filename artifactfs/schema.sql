@@ -1,4 +1,4 @@
--- artifactfs catalog schema, version 2. Applied once to a new catalog; the version lives in
+-- artifactfs catalog schema, version 3. Applied once to a new catalog; the version lives in
 -- PRAGMA user_version. Idempotent: every statement uses IF NOT EXISTS.
 
 -- One row per artifact name.
@@ -29,12 +29,17 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS entries (
     version_id  INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
     path        TEXT NOT NULL,            -- checked relative POSIX path inside the version
-    digest      TEXT NOT NULL,            -- blake3 hex of the content; the URI for unchecked or tracked refs
+    digest      TEXT NOT NULL,            -- blake3 hex of the content (of a symlink: of its target;
+                                          -- '' for a directory); the URI for unchecked or tracked refs
     size        INTEGER,                  -- bytes; NULL for tracked references
     ref         TEXT,                     -- reference URI, NULL for content held in the blob store
     blob        TEXT,                     -- blob id holding the content, NULL when served from ref
     xxh128      TEXT,                     -- base64 XXH128 of the content (W&B digest), NULL when not hashed
-    extra       TEXT NOT NULL DEFAULT '{}', -- JSON: source URI, stat fingerprint, user extras
+    extra       TEXT NOT NULL DEFAULT '{}', -- JSON: source URI, stat fingerprint, MD5 of references,
+                                          -- what an import kept of W&B's entry, user extras
+    kind        TEXT NOT NULL DEFAULT 'file', -- 'file', 'symlink' or 'directory' (an empty one)
+    executable  INTEGER NOT NULL DEFAULT 0, -- 1: a file that had an x bit (0555 in the mount)
+    target      TEXT,                     -- a symlink's relative target, NULL otherwise
     PRIMARY KEY (version_id, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_blob ON entries(blob) WHERE blob IS NOT NULL;
@@ -56,6 +61,8 @@ CREATE TABLE IF NOT EXISTS stat_cache (
     ctime_ns    INTEGER NOT NULL,         -- st_ctime_ns when hashed
     blake3      TEXT NOT NULL,            -- content digest
     xxh128      TEXT NOT NULL,            -- base64 XXH128
+    md5         TEXT,                     -- base64 MD5 (W&B's digest of file references), NULL
+                                          -- when it was not computed
     PRIMARY KEY (dev, ino)
 ) WITHOUT ROWID;
 

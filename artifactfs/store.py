@@ -10,16 +10,19 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from . import names
-from .artifact import Artifact, LocalFile
-from .blobstore import BlobStore, copy_fd, hash_file, reflink
+from .artifact import Artifact, EmptyDir, LocalFile, Symlink
+from .blobstore import BlobStore, Count, Digest, copy_fd, hash_file, is_oid, reflink
 from .catalog import Catalog, EntryRow, VersionRow
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
-from .ingest import Job, Progress, ingest, touch_hits
-from .manifest import Manifest, ManifestEntry, manifest_digest
-from .references import FileRef, Tracked, local_path_of, resolve_artifact_ref
+from .ingest import Hashed, Job, Meter, Progress, ingest
+from .leases import Lease, held_blobs, pid_alive
+from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
+from .references import FINGERPRINT_FIELDS, FileRef, Tracked, local_path_of, logged_fingerprint, open_checked_ref, resolve_artifact_ref
+from .tree import DIRECTORY, FILE, SYMLINK, check_link_target
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
 
@@ -55,16 +58,14 @@ class Store:
     """An artifact store rooted at a directory (created on first use)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+        """Open the store at `root` (default: see default_root); `create=False` refuses a
+        missing store instead of creating it."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
-        if not os.path.isdir(self.root):
-            if not create:
-                raise ArtifactFSError(f"no store at {self.root}")
-            # Created with the caller's umask, no wider: the store may hold private data.
-            os.makedirs(self.root, exist_ok=True)
+        self.catalog = Catalog(os.path.join(_store_dir(self.root, create), "catalog.db"), create=create)
         self.blobs = BlobStore(self.root)
         if create:
             self.blobs.ensure()
-        self.catalog = Catalog(os.path.join(self.root, "catalog.db"), create=create)
+        self.leases_dir = os.path.join(self.root, "leases")
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -123,67 +124,123 @@ class Store:
             for path, row in resolve_artifact_ref(pref, self.catalog, self._find):
                 if path in entries or path in artifact._pending:
                     raise InvalidName(f"entry {path!r} was added twice to artifact {artifact.name!r}")
-                extra = {k: v for k, v in row.extra.items() if k != "source"}
-                extra["source"] = pref.uri
-                entries[path] = EntryRow(path, row.digest, row.size, row.ref, row.blob, row.xxh128, extra)
+                entries[path] = row._replace(path=path, extra={**row.extra, "source": pref.uri})
 
-        _check_tree_shape([*entries, *(p for p, _ in artifact._items())])
+        implied = _check_tree_shape([*entries, *(p for p, _ in artifact._items())],
+                                    {p for p, i in artifact._items() if isinstance(i, EmptyDir)})
 
         jobs: list[Job] = []
         job_paths: list[tuple[str, LocalFile | FileRef]] = []
+        expect = artifact._expect
         for path, item in artifact._items():
             if isinstance(item, LocalFile):
-                jobs.append(Job(item.src, True))
+                jobs.append(Job(item.src, True, md5=expect.get(path, ("",))[0] == "md5"))
                 job_paths.append((path, item))
             elif isinstance(item, FileRef):
                 if item.checksum:
-                    jobs.append(Job(item.src, False))
+                    jobs.append(Job(item.src, False, md5=True))
                     job_paths.append((path, item))
                 else:
                     entries[path] = EntryRow(path, item.uri, item.size, item.uri, None, None, {})
             elif isinstance(item, Tracked):
                 entries[path] = EntryRow(path, item.uri, None, item.uri, None, None, {})
-        try:
-            hashed = ingest(jobs, self.blobs, self.catalog, progress=progress)
-        except FileNotFoundError as e:
-            if e.filename in {j.src for j in jobs}:
-                raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
-            raise
-        for (path, item), h in zip(job_paths, hashed):
-            if isinstance(item, LocalFile):
-                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {})
-            else:
-                fp = dict(zip(("dev", "ino", "size", "mtime_ns", "ctime_ns"), h.key))
-                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, {"fingerprint": fp})
-        digest = manifest_digest(_as_entries(entries.values()))
-        if digest != self.catalog.latest_digest(artifact.name):
-            touch_hits(jobs, hashed, self.blobs)
-        # else an unchanged re-log touches and syncs nothing: its blobs belong to the latest version.
-        cache_rows = [(*h.key, h.digest, h.xxh128) for h in hashed if not h.cached]
-        try:
-            self.blobs.sync()  # every blob durable before the transaction that names it commits
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
-            raise
-        now = time.time()
-        cat = self.catalog
-        with cat.transaction():
-            art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
-            latest = cat.latest_of(art_id)
-            if latest is not None and latest[1] == digest:
-                vid = latest[0]
-                cat.move_aliases(art_id, vid, alias_list)
-            else:
-                self._ensure_blobs(entries, job_paths)
-                vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata, now,
-                                         list(entries.values()))
-                cat.move_aliases(art_id, vid, ["latest", *alias_list])
-            cat.store_stat_cache(cache_rows)
+            elif isinstance(item, Symlink):
+                entries[path] = EntryRow(path, symlink_digest(item.target), len(item.target.encode()), None,
+                                         None, None, {}, SYMLINK, False, item.target)
+            elif path not in implied:  # an empty directory (one with entries below it is implied)
+                entries[path] = EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
+        with Lease(self.leases_dir) as lease:
+            try:
+                hashed = ingest(jobs, self.blobs, self.catalog, lease=lease, progress=progress)
+            except FileNotFoundError as e:
+                if e.filename in {j.src for j in jobs}:
+                    raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
+                raise
+            for (path, item), h in zip(job_paths, hashed):
+                want = expect.get(path)
+                if want is not None and want[1] != (h.md5 if want[0] == "md5" else h.xxh128):
+                    raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {want[0].upper()} digest "
+                                         f"{want[1]} (it is {h.md5 if want[0] == 'md5' else h.xxh128}); "
+                                         "nothing was logged")
+                if isinstance(item, LocalFile):
+                    entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
+                                             item.executable)
+                else:
+                    extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key))}
+                    if h.md5 is not None:
+                        extra["md5"] = h.md5
+                    entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
+            for path, more in artifact._extra.items():  # what an import keeps of W&B's entries
+                entries[path] = entries[path]._replace(extra={**entries[path].extra, **more})
+            digest = manifest_digest(_as_entries(entries.values()))
+            # A re-log must leave the version whole: a blob of it that went missing or lost
+            # bytes is written again from its source (a stat per blob).
+            self._restore_blobs(entries, job_paths, hashed, lease)
+            if digest != self.catalog.latest_digest(artifact.name):
+                # Blobs of stat-cache hits are synced with the rest (they may come from a writer
+                # that died before its sync); an unchanged re-log syncs nothing: they are the
+                # latest version's.
+                self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed) if h.cached and j.store)
+            cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
+            try:
+                self.blobs.sync()  # every blob durable before the transaction that names it commits
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
+                raise
+            now = time.time()
+            cat = self.catalog
+            with cat.transaction():
+                art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
+                latest = cat.latest_of(art_id)
+                if latest is not None and latest[1] == digest:
+                    vid = latest[0]
+                    cat.move_aliases(art_id, vid, alias_list)
+                else:
+                    self._ensure_blobs(entries, job_paths, lease)
+                    vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata,
+                                             now, list(entries.values()))
+                    cat.move_aliases(art_id, vid, ["latest", *alias_list])
+                cat.store_stat_cache(cache_rows)
         return self.artifact_by_id(vid)
 
-    def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]]) -> None:
-        """Inside the log's transaction: every blob it names must exist (gc may have run)."""
+    def import_wandb(self, name: str, manifest: str | os.PathLike[str] | dict[str, Any],
+                     root: str | os.PathLike[str] | None = None, *, type: str = "dataset",
+                     aliases: Iterable[str] = (), progress: Progress | None = None) -> ArtifactVersion:
+        """Log a W&B artifact as a new version of `name`: `manifest` is a wandb_manifest.json (a
+        path, or the parsed dict); content comes from `root` (what W&B's `artifact.download()`
+        wrote) or, without it, from W&B's cache ($WANDB_CACHE_DIR, else ~/.cache/wandb).
+
+        Every file is checked against its W&B digest (MD5, or XXH128 when `extra.alg` says so)
+        before the version is committed: a missing or different file refuses the whole import,
+        naming the entry. References stay references. Importing what an import exported gives
+        the same version.
+        """
+        from .wandb_interop import draft_from_wandb, load_manifest
+
+        base = None
+        if root is not None:
+            base = os.path.abspath(os.fspath(root))
+            if not os.path.isdir(base):
+                raise FileNotFoundError(f"no such directory: {os.fspath(root)}")
+        art = draft_from_wandb(name, load_manifest(manifest), base, type=type)
+        return self.log_artifact(art, aliases=aliases, progress=progress)
+
+    def _restore_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]],
+                       hashed: list[Hashed], lease: Lease) -> None:
+        """Write again, from the source just logged, every blob that is missing or has the
+        wrong size (a corrupt blob of the right size is fsck's to find: `fsck --repair`
+        quarantines it, and the next log restores it here)."""
+        for (path, item), h in zip(job_paths, hashed):
+            if not isinstance(item, LocalFile):
+                continue
+            size = self.blobs.size_of(h.digest)
+            if size != h.size:
+                self.blobs.put_file(item.src, expect=Digest(h.digest), lease=lease, replace=size is not None)
+
+    def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]], lease: Lease) -> None:
+        """Inside the log's transaction: every blob it names must exist (gc may have taken one
+        in the moment before the log held it)."""
         src_of = {p: item.src for p, item in job_paths if isinstance(item, LocalFile)}
         rewrote = False
         for e in entries.values():
@@ -193,7 +250,7 @@ class Store:
                     raise ArtifactFSError(
                         f"blob {e.blob} for entry {e.path!r} (from {e.extra.get('source')}) is missing from the store; "
                         "run `artifactfs fsck`")
-                self.blobs.put_file(src, expect=e.blob)  # type: ignore[arg-type]
+                self.blobs.put_file(src, expect=Digest(e.blob), lease=lease)
                 rewrote = True
         if rewrote:
             self.blobs.sync()
@@ -228,20 +285,34 @@ class Store:
             if not self.catalog.remove_alias(art, alias):
                 raise NotFound(f"artifact {art!r} has no alias {alias!r}")
 
-    def delete(self, spec: str) -> None:
-        """Delete one version; its blobs go at the next gc. `latest` moves to the newest left."""
+    def delete(self, spec: str, *, delete_aliases: bool = False) -> None:
+        """Delete one version, named `NAME:vN` or `NAME:ALIAS` (a bare name is refused: it would
+        silently mean the latest). A version holding aliases other than `latest` is refused
+        unless `delete_aliases` (as W&B's `Artifact.delete`). Its blobs go at the next gc;
+        `latest` moves to the newest version left."""
+        if isinstance(spec, str) and ":" not in spec:
+            names.check_name(spec)
+            raise InvalidName(f"delete needs a version: {spec}:vN or {spec}:ALIAS (a bare name would delete "
+                              "the latest version)")
         row = self._find(spec)
         with self.catalog.transaction():
             art_id = self.catalog.artifact_of(row.id)
             if art_id is None:
                 raise NotFound(f"{spec} was already deleted")
+            held = [a for a in self.catalog.aliases_of(row.id) if a != "latest"]
+            if held and not delete_aliases:
+                raise ArtifactFSError(
+                    f"{row.name}:v{row.idx} has the alias{'es' if len(held) > 1 else ''} {', '.join(held)}; "
+                    "delete it with them by passing delete_aliases=True (--delete-aliases), or move them first")
             self.catalog.delete_version(row.id, art_id)
 
     # -- maintenance --------------------------------------------------------------------------
 
-    def gc(self, dry_run: bool = False, grace_seconds: float = 3600,
+    def gc(self, dry_run: bool = False, grace_seconds: float = 0,
            progress: Progress | None = None) -> GCReport:
-        """Delete blobs no version refers to, and stale temp files, older than the grace period.
+        """Free at once every blob that no version refers to and no live log holds, and the temp
+        files of processes that are gone. `grace_seconds` also spares what was written less
+        than that long ago. Progress is in bytes freed.
 
         Holds the catalog's write lock while deleting, so a log cannot commit a reference to a
         blob between the moment gc finds it unreferenced and the moment it goes. First waits
@@ -260,18 +331,22 @@ class Store:
 
     def _mounts_behind(self) -> list[str]:
         """Mountpoints of live daemons that have not acknowledged the last delete."""
-        return [mp for mp, pid in self.catalog.mounts_behind() if _pid_alive(pid)]
+        return [mp for mp, pid in self.catalog.mounts_behind() if pid_alive(pid)]
 
     def _collect(self, cutoff: float, dry_run: bool, progress: Progress | None,
                  behind: list[str]) -> GCReport:
         """The deletions of gc (the caller holds the catalog's write lock)."""
+        # The listing first, the leases last: a blob renamed into place after the listing is no
+        # candidate, and a log holds every blob before it renames or reuses it.
+        listing = list(self.blobs.iter_blobs())
+        referenced = self.catalog.referenced_blobs()
+        held = held_blobs(self.leases_dir, remove_dead=not dry_run)
+        candidates = [(oid, st) for oid, st in listing
+                      if oid not in referenced and oid not in held and st.st_mtime < cutoff]
+        meter = Meter(progress, sum(st.st_size for _, st in candidates))
         freed: list[str] = []
         nbytes = 0
-        ntemp = 0
-        referenced = self.catalog.referenced_blobs()
-        candidates = [(oid, st) for oid, st in self.blobs.iter_blobs()
-                      if oid not in referenced and st.st_mtime < cutoff]
-        for i, (oid, st) in enumerate(candidates):
+        for oid, st in candidates:
             if not dry_run:
                 try:
                     self.blobs.remove(oid)
@@ -279,11 +354,12 @@ class Store:
                     continue
             freed.append(oid)
             nbytes += st.st_size
-            if progress:
-                progress(i + 1, len(candidates))
+            meter.add(st.st_size)
+        meter.finish()
+        ntemp = 0
         for path, st in self.blobs.iter_temp():
             # A temp file of a live writer (its PID leads the name) is work in progress.
-            if st.st_mtime < cutoff and not _pid_alive(_temp_owner(path)):
+            if st.st_mtime < cutoff and not pid_alive(_temp_owner(path)):
                 if not dry_run:
                     try:
                         os.unlink(path)
@@ -292,10 +368,11 @@ class Store:
                 ntemp += 1
         return GCReport(len(freed), nbytes, ntemp, dry_run, freed, behind)
 
-    def fsck(self, repair: bool = False, progress: Progress | None = None) -> Any:
-        """Check every invariant; with repair, quarantine corrupt blobs. Returns an FsckReport."""
+    def fsck(self, repair: bool = False, progress: Progress | None = None, *, references: bool = False) -> Any:
+        """Check every invariant; with repair, quarantine corrupt blobs; with references, also
+        re-check checksummed file:// references. Returns an FsckReport (progress in bytes hashed)."""
         from .fsck import Fsck
-        return Fsck(self, progress=progress).run(repair=repair)
+        return Fsck(self, progress=progress).run(repair=repair, references=references)
 
     # -- mounts (zero-copy download) ----------------------------------------------------------
 
@@ -316,7 +393,7 @@ class Store:
     def live_mount(self) -> str | None:
         """The mountpoint of a live daemon mounting the whole store, or None (dead ones are cleaned)."""
         for mp, pid, art in self.catalog.mounts():
-            if _pid_alive(pid) and os.path.ismount(mp):
+            if pid_alive(pid) and os.path.ismount(mp):
                 if art is None:
                     return str(mp)
                 continue
@@ -327,16 +404,42 @@ class Store:
         return None
 
 
-def _check_tree_shape(paths: list[str]) -> None:
-    """Refuse a version where one entry is a file and also a directory of another (a, a/b)."""
+def _store_dir(root: str, create: bool) -> str:
+    """`root`, made when missing and `create`; an ArtifactFSError that says what is wrong otherwise."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        if not create:
+            raise ArtifactFSError(f"no store at {root} (log an artifact first, or pass --store)") from None
+        # Created with the caller's umask, no wider: the store may hold private data.
+        try:
+            os.makedirs(root, exist_ok=True)
+        except FileExistsError:
+            raise ArtifactFSError(f"cannot create a store at {root}: a parent is not a directory") from None
+        except NotADirectoryError:
+            raise ArtifactFSError(f"cannot create a store at {root}: a parent is not a directory") from None
+        return root
+    except NotADirectoryError:
+        raise ArtifactFSError(f"no store at {root}: a parent is not a directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ArtifactFSError(f"{root} is a file, not a store directory")
+    if not create and not os.path.exists(os.path.join(root, "catalog.db")):
+        raise ArtifactFSError(f"no store at {root} (log an artifact first, or pass --store)")
+    return root
+
+
+def _check_tree_shape(paths: list[str], empty_dirs: set[str]) -> set[str]:
+    """Refuse a version where a file or symlink is also a directory of other entries (a, a/b);
+    return the directory entries that have entries below them (implied: not kept as entries)."""
     dirs: set[str] = set()
     for p in paths:
         parts = p.split("/")
         for i in range(1, len(parts)):
             dirs.add("/".join(parts[:i]))
-    clash = sorted(dirs.intersection(paths))
+    clash = sorted(dirs.intersection(paths) - empty_dirs)
     if clash:
         raise InvalidName(f"entry {clash[0]!r} is both a file and a directory of other entries")
+    return dirs & empty_dirs
 
 
 def _temp_owner(path: str) -> int:
@@ -345,20 +448,9 @@ def _temp_owner(path: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _as_entries(rows: Iterable[EntryRow]) -> list[ManifestEntry]:
-    return [ManifestEntry(r.path, r.digest, r.size, r.ref) for r in rows]
+    return [ManifestEntry(r.path, r.digest, r.size, r.ref, kind=r.kind,  # type: ignore[arg-type]
+                          executable=r.executable, target=r.target) for r in rows]
 
 
 class ArtifactVersion:
@@ -375,7 +467,7 @@ class ArtifactVersion:
         self.digest = row.digest
         self.description = row.description
         self.metadata = row.metadata
-        self.created_at = row.created_at
+        self.created_at = datetime.fromtimestamp(row.created_at, tz=timezone.utc)
         self.aliases = store.catalog.aliases_of(row.id)
         self._manifest: Manifest | None = None
 
@@ -393,6 +485,7 @@ class ArtifactVersion:
 
     @property
     def file_count(self) -> int:
+        """The number of entries (files, symlinks and empty directories)."""
         return self._row.n_entries
 
     @property
@@ -403,13 +496,13 @@ class ArtifactVersion:
                 extra = dict(r.extra)
                 if r.xxh128:
                     extra["xxh128"] = r.xxh128
-                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.blob,
-                                                  self._download_entry)
+                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.kind,  # type: ignore[arg-type]
+                                                  r.executable, r.target, r.blob, self._download_entry)
             self._manifest = m
         return self._manifest
 
     def files(self) -> list[ManifestEntry]:
-        """The manifest entries, sorted by path."""
+        """The manifest entries (files, symlinks, empty directories), sorted by path."""
         return [self.manifest.entries[p] for p in sorted(self.manifest.entries)]
 
     def get_path(self, name: str) -> ManifestEntry:
@@ -423,7 +516,8 @@ class ArtifactVersion:
         """The object stored with `Artifact.add(obj, name)`."""
         path = names.check_entry_path(name)
         e = self.get_path(path if path.endswith(".json") else path + ".json")
-        with open(self._readable_path(e), "rb") as f:
+        fd = self._open_verified(self._followed(e))
+        with os.fdopen(fd, "rb") as f:
             return json.loads(f.read())
 
     # -- reading ------------------------------------------------------------------------------
@@ -435,25 +529,45 @@ class ArtifactVersion:
     def _default_root(self) -> str:
         return os.path.join(os.getcwd(), "artifacts", f"{self.name}:{self.version}")
 
-    def _readable_path(self, e: ManifestEntry) -> str:
-        """A path holding the entry's verified bytes, without copying."""
+    def _followed(self, e: ManifestEntry) -> ManifestEntry:
+        """The file entry a symlink entry leads to inside the version (or `e` itself)."""
+        if e.kind != SYMLINK:
+            return e
+        assert e.target is not None
+        where = self.manifest.resolve(e.path, e.target)
+        t = self.manifest.entries.get(where) if isinstance(where, str) else None
+        if t is None or t.kind != FILE:
+            raise NotFound(f"{self.qualified_name}/{e.path} is a symlink to {e.target!r}, which is no file "
+                           "of this version")
+        return t
+
+    def _open_verified(self, e: ManifestEntry) -> int:
+        """A descriptor holding exactly the logged bytes of the file entry `e`.
+
+        A checksummed reference is served from the referenced file while it holds the logged
+        content (the same fingerprint and re-hash checks as the mount), else from a blob of the
+        logged digest when the store has one; otherwise DigestMismatch, never other bytes.
+        """
+        blobs = self._store.blobs
+        if e.kind != FILE:
+            raise ArtifactFSError(f"{self.qualified_name}/{e.path} is a {e.kind}, not a file")
         if e.blob is not None:
-            return self._store.blobs.path(e.blob)
+            try:
+                return os.open(blobs.path(e.blob), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ArtifactFSError(f"{self.qualified_name}/{e.path}: blob {e.blob} is missing from the store; "
+                                      "run `artifactfs fsck`") from None
         local = local_path_of(e.ref or "")
         if local is None:
             raise ArtifactFSError(f"entry {e.path!r} is a tracked reference ({e.ref}); its bytes are not here")
-        if e.is_checked_content:
-            fp = e.extra.get("fingerprint") or {}
-            try:
-                st = os.stat(local)
-                same = (st.st_ino, st.st_size, st.st_mtime_ns) == (fp.get("ino"), fp.get("size"), fp.get("mtime_ns"))
-            except FileNotFoundError:
-                same = False
-            if not same and (not os.path.exists(local) or hash_file(local)[0] != e.digest):
-                if self._store.blobs.has(e.digest):
-                    return self._store.blobs.path(e.digest)
-                raise DigestMismatch(f"{self.qualified_name}/{e.path}: referenced file {local} changed since it was logged")
-        return local
+        if not e.is_checked_content:
+            return os.open(local, os.O_RDONLY | os.O_CLOEXEC)  # served as it is now, by design
+        fd = open_checked_ref(local, e.digest, logged_fingerprint(e.extra))
+        if fd is not None:
+            return fd
+        if is_oid(e.digest) and blobs.has(e.digest):
+            return os.open(blobs.path(e.digest), os.O_RDONLY | os.O_CLOEXEC)
+        raise DigestMismatch(f"{self.qualified_name}/{e.path}: referenced file {local} changed since it was logged")
 
     def _download_entry(self, e: ManifestEntry, root: str | None) -> str:
         if root is None:
@@ -461,20 +575,49 @@ class ArtifactVersion:
             if mp is not None:
                 return os.path.join(mp, e.path)
             root = self._default_root()
-        dest = _safe_dest(os.path.abspath(root), e.path)
-        self._write_entry(e, dest)
-        return dest
+        root = os.path.abspath(root)
+        for x in self._needed_by(e):
+            self._write_entry(x, _safe_dest(root, x.path), None)
+        return os.path.join(root, e.path)
 
-    def _write_entry(self, e: ManifestEntry, dest: str) -> None:
+    def _needed_by(self, e: ManifestEntry) -> list[ManifestEntry]:
+        """`e`, and for a symlink the links and the entry it leads to inside the version (all of
+        a directory's), so that the link works where it is written."""
+        if e.kind != SYMLINK:
+            return [e]
+        assert e.target is not None
+        m = self.manifest
+        links: list[str] = []
+        where = m.resolve(e.path, e.target, links.append)
+        out = [e, *(m.entries[p] for p in links if p in m.entries)]
+        if isinstance(where, str) and where != e.path:
+            t = m.entries.get(where)
+            out += [t] if t is not None else list(m.files_below(where))
+        return out
+
+    def _write_entry(self, e: ManifestEntry, dest: str, meter: Meter | None) -> None:
+        if e.kind == DIRECTORY:
+            _replace_with_dir(dest)
+            return
+        if e.kind == SYMLINK:
+            assert e.target is not None
+            _replace_with_symlink(check_link_target(e.path, e.target), dest)
+            return
         if e.is_tracked:
             target = local_path_of(e.ref or "") or e.ref or ""
             _replace_with_symlink(target, dest)
             return
-        src = self._readable_path(e)
-        _copy_readonly(src, dest, expect=e.digest if e.is_checked_content and e.blob is None else None)
+        fd = self._open_verified(e)
+        try:
+            # A reference may change while it is copied: the copy is checked (a blob never changes).
+            check = e.digest if e.is_checked_content and e.blob is None else None
+            _copy_readonly(fd, dest, mode=e.mode, expect=check, count=meter.add if meter else None)
+        finally:
+            os.close(fd)
 
-    def download(self, root: str | None = None) -> str:
-        """A directory holding the version's files: the mount's when one is live, else a copy."""
+    def download(self, root: str | None = None, progress: Progress | None = None) -> str:
+        """A directory holding the version's files: the mount's when one is live, else a copy
+        (reflinked where the filesystem can). Progress is in bytes."""
         if root is None:
             mp = self._mount_path()
             if mp is not None:
@@ -482,50 +625,59 @@ class ArtifactVersion:
             root = self._default_root()
         root = os.path.abspath(root)
         os.makedirs(root, exist_ok=True)
-        for e in self.files():
-            self._write_entry(e, _safe_dest(root, e.path))
+        files = self.files()
+        meter = Meter(progress, sum(e.size or 0 for e in files if e.kind == FILE and not e.is_tracked))
+        for e in files:
+            self._write_entry(e, _safe_dest(root, e.path), meter)
+        meter.finish()
         return root
 
-    def checkout(self, root: str) -> str:
-        """Make `root` hold exactly this version's files (extra files are removed)."""
-        root = self.download(os.path.abspath(root))
-        want = set(self.manifest.entries)
+    def checkout(self, root: str, progress: Progress | None = None) -> str:
+        """Make `root` hold exactly this version's tree (anything else there is removed)."""
+        root = self.download(os.path.abspath(root), progress=progress)
+        entries = self.manifest.entries
         for dirpath, dirnames, filenames in os.walk(root, topdown=False):
             for fn in filenames:
                 full = os.path.join(dirpath, fn)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                if rel not in want:
+                if _rel(full, root) not in entries:
                     os.unlink(full)
             for dn in dirnames:
                 full = os.path.join(dirpath, dn)
+                rel = _rel(full, root)
                 if os.path.islink(full):
-                    rel = os.path.relpath(full, root).replace(os.sep, "/")
-                    if rel not in want:
+                    if rel not in entries:
                         os.unlink(full)
-                elif not os.listdir(full):
+                elif rel not in entries and not os.listdir(full):
                     os.rmdir(full)
         return root
 
     def verify(self, root: str | None = None, progress: Progress | None = None) -> None:
-        """Raise DigestMismatch if any file differs from its digest.
+        """Raise DigestMismatch if any file differs from its digest. Progress is in bytes.
 
-        With a root: the files there must be exactly this version's. Without: re-hash the
-        store's blobs of this version and its checksummed references.
+        With a root: the tree there must be exactly this version's (files, symlinks and their
+        targets, empty directories). Without: re-hash the store's blobs of this version and
+        its checksummed references.
         """
         bad: list[str] = []
         files = self.files()
+        entries = self.manifest.entries
         if root is not None:
             root = os.path.abspath(root)
-            want = {e.path for e in files}
-            for dirpath, _dirs, filenames in os.walk(root):
-                for fn in filenames:
-                    rel = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
-                    if rel not in want:
+            for dirpath, dirnames, filenames in os.walk(root):
+                for fn in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
+                    rel = _rel(os.path.join(dirpath, fn), root)
+                    if rel not in entries:
                         bad.append(f"{rel}: not in {self.qualified_name}")
-        for i, e in enumerate(files):
-            if progress:
-                progress(i, len(files))
-            if e.is_tracked:
+        meter = Meter(progress, sum(e.size or 0 for e in files if e.is_checked_content))
+        for e in files:
+            if root is not None and e.kind != FILE:
+                full = os.path.join(root, e.path)
+                if e.kind == SYMLINK and (not os.path.islink(full) or os.readlink(full) != e.target):
+                    bad.append(f"{e.path}: not a symlink to {e.target!r}")
+                elif e.kind == DIRECTORY and (os.path.islink(full) or not os.path.isdir(full)):
+                    bad.append(f"{e.path}: not a directory")
+                continue
+            if e.kind != FILE or e.is_tracked:
                 continue
             if root is not None:
                 path = os.path.join(root, e.path)
@@ -540,20 +692,23 @@ class ArtifactVersion:
                     bad.append(f"{e.path}: missing")
                 continue
             try:
-                got, _, _ = hash_file(path)
+                got = hash_file(path, count=meter.add).digest
             except FileNotFoundError:
                 bad.append(f"{e.path}: missing")
                 continue
             if got != e.digest:
                 bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")
-        if progress:
-            progress(len(files), len(files))
+        meter.finish()
         if bad:
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
             raise DigestMismatch(f"{self.qualified_name} failed verification: " + "; ".join(bad[:5]) + more)
 
 
 # -- writing files out safely -------------------------------------------------------------------
+
+def _rel(full: str, root: str) -> str:
+    return os.path.relpath(full, root).replace(os.sep, "/")
+
 
 def _safe_dest(root: str, path: str) -> str:
     """root/path, with every directory below root made real: a symlink there is replaced,
@@ -575,33 +730,50 @@ def _safe_dest(root: str, path: str) -> str:
     return os.path.join(cur, parts[-1])
 
 
+def _clear_dir(dest: str) -> None:
+    """Remove a real directory at dest (a file or symlink goes by rename instead)."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        shutil.rmtree(dest)
+
+
+def _replace_with_dir(dest: str) -> None:
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        os.mkdir(dest)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(dest)
+        os.mkdir(dest)
+
+
 def _replace_with_symlink(target: str, dest: str) -> None:
     tmp = f"{dest}.artifactfs-{os.getpid()}.tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.symlink(target, tmp)
+    _clear_dir(dest)
     os.replace(tmp, dest)
 
 
-def _copy_readonly(src: str, dest: str, expect: str | None = None) -> None:
-    """Reflink or copy src to dest through a fresh temp file in dest's directory (rename
-    replaces a symlink at dest instead of following it); the result is read-only."""
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        shutil.rmtree(dest)
+def _copy_readonly(fd_in: int, dest: str, *, mode: int = 0o444, expect: str | None = None,
+                   count: Count | None = None) -> None:
+    """Reflink or copy fd_in to dest through a fresh temp file in dest's directory (rename
+    replaces a symlink at dest instead of following it); the result has `mode` (no write bit)."""
+    _clear_dir(dest)
     fd_out, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".artifactfs-", suffix=".tmp")
     try:
         try:
-            fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if not reflink(fd_in, fd_out):
-                    copy_fd(fd_in, fd_out)
-            finally:
-                os.close(fd_in)
+            if reflink(fd_in, fd_out):
+                if count is not None:
+                    count(os.fstat(fd_out).st_size)
+            else:
+                copy_fd(fd_in, fd_out, count=count)
         finally:
             os.close(fd_out)
-        if expect is not None and hash_file(tmp)[0] != expect:
-            raise DigestMismatch(f"{src} changed while it was copied to {dest}")
-        os.chmod(tmp, 0o444)
+        if expect is not None and hash_file(tmp).digest != expect:
+            raise DigestMismatch(f"{dest}: the referenced file changed while it was copied")
+        os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.lexists(tmp):

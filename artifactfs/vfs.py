@@ -28,10 +28,11 @@ from typing import Callable, Iterable, NamedTuple, TypeAlias
 
 import xxhash
 
-from .blobstore import hash_file
+from .blobstore import hash_fd
 from .catalog import EntryRow, Snapshot, VersionId
 from .errors import NotFound
-from .references import local_path_of
+from .references import Fingerprint, fingerprint, holds_digest, local_path_of, logged_fingerprint
+from .tree import DIRECTORY, SYMLINK
 
 __all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",
            "ArtifactDir", "VersionInfo", "OpenFile", "NeedsHash", "Invalidation", "ROOT_INODE"]
@@ -46,7 +47,6 @@ _INO_MASK = (1 << 63) - 1  # 63 bits: some programs still treat st_ino as signed
 XATTR_DIGEST = b"user.artifactfs.digest"
 XATTR_REF = b"user.artifactfs.ref"
 
-Fingerprint: TypeAlias = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
 _MISSING: Fingerprint = (-1, -1, -1, -1, -1)  # "the referenced file could not be opened"
 
 
@@ -109,6 +109,13 @@ class BlobFile(File):
     @property
     def blob(self) -> str:
         return self.oid.hex()
+
+
+class ExecBlobFile(BlobFile):
+    """A blob file that had an executable bit: 0555 in the mount. A class rather than a field,
+    so that plain files pay no memory for it."""
+
+    __slots__ = ()
 
 
 class RefFile(File):
@@ -240,10 +247,6 @@ class OpenFile:
 
 
 # -- the view -----------------------------------------------------------------------------------
-
-
-def _fingerprint(st: os.stat_result) -> Fingerprint:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def link_target(local: str | None, uri: str) -> bytes:
@@ -525,14 +528,18 @@ class VFS:
         new_watch: list[str] = []
         with self._table_lock:
             for item in self.catalog.dir_children(vr.vid, prefix):
-                if isinstance(item, str):
-                    bname = _encode(item)
-                    if bname in children:
+                if isinstance(item, str) or item.kind == DIRECTORY:
+                    leaf = item if isinstance(item, str) else item.path[len(prefix):]
+                    bname = _encode(leaf)
+                    existing = children.get(bname)
+                    if isinstance(existing, Dir):
+                        continue  # an empty-directory entry, then entries below it after all
+                    if existing is not None:
                         # The file of the same name came first (it sorts first): keep it, as a
                         # whole build does.
-                        log.warning("%s: entries under %r skipped: the path is also a file", vr.label, prefix + item)
+                        log.warning("%s: entries under %r skipped: the path is also a file", vr.label, prefix + leaf)
                         continue
-                    sub = Dir(self._entry_ino(vr, prefix + item), bname, vr, d)
+                    sub = Dir(self._entry_ino(vr, prefix + leaf), bname, vr, d)
                     sub.children = None  # loaded when first looked at
                     children[bname] = sub
                     self._inodes[sub.ino] = sub
@@ -576,6 +583,10 @@ class VFS:
             tmp_root.children = children
             dirs[""] = tmp_root
             for row in rows:
+                if row.kind == DIRECTORY:
+                    if self._mkdirs(vr, dirs, row.path) is None:
+                        log.warning("%s: directory %r skipped: a parent path is a file", vr.label, row.path)
+                    continue
                 head, _, leaf = row.path.rpartition("/")
                 parent = dirs.get(head)
                 if parent is None:
@@ -619,24 +630,21 @@ class VFS:
         return d
 
     def _make_node(self, vr: VersionRoot, ino: InodeT, name: bytes, row: EntryRow) -> Node:
+        """The node of a file or symlink entry (directory entries are made by the builders)."""
+        if row.kind == SYMLINK:
+            return Link(ino, name, vr, _encode(row.target or ""), row.digest)
         if row.blob is not None:
             # A blob entry's digest is its blob id (fsck's check_blob_rows holds the catalog to it).
-            return BlobFile(ino, name, vr, row.size or 0, row.blob)
+            cls = ExecBlobFile if row.executable else BlobFile
+            return cls(ino, name, vr, row.size or 0, row.blob)
         ref = row.ref or ""
         local = local_path_of(ref)
         if row.digest == ref and row.size is None:
             # A tracked reference: a symlink to the local path, or to the URI itself.
             return Link(ino, name, vr, link_target(local, ref), row.digest, ref)
         checked = row.digest != ref
-        good: Fingerprint | None = None
-        fp = row.extra.get("fingerprint") if checked else None
-        if isinstance(fp, dict):
-            try:
-                good = (int(fp["dev"]), int(fp["ino"]), int(fp["size"]), int(fp["mtime_ns"]), int(fp["ctime_ns"]))
-            except (KeyError, TypeError, ValueError):
-                good = None
         return RefFile(ino, name, vr, row.size or 0, row.digest, path=row.path, ref=ref, local=local,
-                       checked=checked, good=good)
+                       checked=checked, good=logged_fingerprint(row.extra) if checked else None)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -692,7 +700,8 @@ class VFS:
                 # through the mount too), so their attributes get the short timeout.
                 uid, gid, mode, size = self._ref_meta(n)
                 return Attr(n.ino, stat.S_IFREG | mode, 1, uid, gid, size, vr.mtime_ns, True, False)
-            return Attr(n.ino, stat.S_IFREG | 0o444, 1, self.uid, self.gid, n.size, vr.mtime_ns, True, True)
+            mode = 0o555 if isinstance(n, ExecBlobFile) else 0o444
+            return Attr(n.ino, stat.S_IFREG | mode, 1, self.uid, self.gid, n.size, vr.mtime_ns, True, True)
         if isinstance(n, Link):
             in_version = vr is not None
             mtime = vr.mtime_ns if vr is not None else self._top_mtime()
@@ -842,7 +851,7 @@ class VFS:
             try:
                 if not may_hash:
                     raise NeedsHash()
-                got = hash_file(f"/proc/self/fd/{fd}")[0]
+                got = hash_fd(fd).digest
                 if got != oid:
                     log.error("%s: blob %s is corrupt (content hashes to %s); refusing it (EIO)",
                               self.entry_label(n), oid, got)
@@ -872,15 +881,14 @@ class VFS:
             return OpenFile(fd, os.fstat(fd).st_size, n)
         try:
             if fd >= 0:
-                fp = _fingerprint(os.fstat(fd))
+                fp = fingerprint(os.fstat(fd))
                 if fp == n.good and not n.in_doubt:
                     return OpenFile(fd, n.size, n)
                 if fp != n.bad or n.in_doubt:
                     if not may_hash:
                         raise NeedsHash()
                     n.in_doubt = False  # cleared before hashing: a change during the hash re-arms it
-                    got = hash_file(f"/proc/self/fd/{fd}")[0]
-                    if got == n.digest and _fingerprint(os.fstat(fd)) == fp:
+                    if holds_digest(fd, n.digest, fp):
                         n.good = fp
                         return OpenFile(fd, n.size, n)
                     n.bad = fp
@@ -916,7 +924,7 @@ class VFS:
         assert n is not None
         if n.in_doubt:
             return True
-        return n.checked and _fingerprint(os.fstat(h.fd)) != n.good
+        return n.checked and fingerprint(os.fstat(h.fd)) != n.good
 
     def read_check(self, h: OpenFile, off: int, size: int, data: bytes | memoryview) -> None:
         """Called by read for references and short reads: raise OSError(EIO) rather than hand
@@ -925,7 +933,7 @@ class VFS:
             raise OSError(errno.EIO, "file shorter than logged")
         n = h.ref
         if n is not None and n.checked and n.in_doubt:
-            fp = _fingerprint(os.fstat(h.fd))
+            fp = fingerprint(os.fstat(h.fd))
             if fp != n.good:
                 log.error("%s: referenced file %s changed while open; reading it fails with EIO",
                           self.entry_label(n), n.local)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
 from typing import Iterable
 
 import blake3
@@ -21,3 +24,12 @@ def log_files(store: Store, name: str, files: dict[str, bytes], aliases: Iterabl
         with art.new_file(path, mode="wb") as f:
             f.write(data)
     return store.log_artifact(art, aliases=list(aliases))
+
+
+def run(*cmd: str | os.PathLike[str], cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command with no stdin; with `check`, fail the test (with its output) on a non-zero exit."""
+    p = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=cwd,
+                       stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifactfs
+from artifactfs.catalog import SCHEMA_VERSION
 from artifactfs import Artifact, Store
 
 
@@ -370,10 +371,8 @@ def test_version_attributes(store: Store) -> None:
     assert v.index == 0
     assert v.description == "hand-written digits"
     assert v.metadata == {"source": "lecun", "n": 3}
-    created = v.created_at
-    if isinstance(created, datetime.datetime):
-        created = created.timestamp()
-    assert before - 1 <= created <= after + 1
+    assert isinstance(v.created_at, datetime.datetime) and v.created_at.tzinfo is not None
+    assert before - 1 <= v.created_at.timestamp() <= after + 1
 
 
 def test_attributes_survive_reading_back(store: Store) -> None:
@@ -744,11 +743,35 @@ def test_a_version_1_catalog_is_migrated_on_open(store_root: Path) -> None:
     db.commit()
     db.close()
     s = Store(store_root)
-    assert s.catalog.get_val("PRAGMA user_version") == 2
+    assert s.catalog.get_val("PRAGMA user_version") == SCHEMA_VERSION
     assert s.catalog.deleted_generation() == 0
     s.register_mount("/mnt/x", os.getpid(), None, 0)
     s.delete("ds:v0")
     assert s.catalog.mounts_behind() == [("/mnt/x", os.getpid())]
+    s.close()
+
+
+def test_a_version_2_catalog_is_migrated_and_keeps_its_digests(store_root: Path) -> None:
+    """A catalog from before trees were kept (no entries.kind, executable, target, no
+    stat_cache.md5) opens, gains the columns, and its versions keep their manifest digests."""
+    import sqlite3
+
+    s = Store(store_root)
+    v = log_bytes(s, "ds", {"a": b"x", "b/c": b"y"})
+    s.close()
+    db = sqlite3.connect(store_root / "catalog.db")
+    for col in ("kind", "executable", "target"):
+        db.execute(f"ALTER TABLE entries DROP COLUMN {col}")
+    db.execute("ALTER TABLE stat_cache DROP COLUMN md5")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    s = Store(store_root)
+    assert s.catalog.get_val("PRAGMA user_version") == SCHEMA_VERSION
+    assert s.artifact("ds:v0").digest == v.digest
+    assert {e.kind for e in s.artifact("ds:v0").files()} == {"file"}
+    assert s.fsck().ok
+    assert log_bytes(s, "ds", {"a": b"x", "b/c": b"y"}).version == "v0"  # same manifest, same version
     s.close()
 
 

@@ -304,7 +304,18 @@ def test_missing_store_is_a_one_line_error(cli, tmp_path: Path) -> None:
     assert_user_error(cli("ls", store=tmp_path / "no-store-here"))
 
 
-@pytest.mark.parametrize("command", [["ls"], ["show", "ds"], ["fsck"], ["log", "ds2", "DATA"]])
+def test_fsck_of_a_garbage_catalog_reports_damage_and_exits_3(cli, store_root: Path, logged: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        p = store_root / ("catalog.db" + suffix)
+        if p.exists():
+            p.unlink()
+    (store_root / "catalog.db").write_bytes(os.urandom(8192))
+    r = cli("fsck")
+    assert (r.returncode, r.stderr) == (3, "")
+    assert r.stdout.startswith("DAMAGE catalog:") and "not a database" in r.stdout
+
+
+@pytest.mark.parametrize("command", [["ls"], ["show", "ds"], ["log", "ds2", "DATA"]])
 def test_garbage_catalog_is_a_one_line_error(cli, store_root: Path, logged: Path, command) -> None:
     for suffix in ("", "-wal", "-shm"):
         p = store_root / ("catalog.db" + suffix)
@@ -386,5 +397,5 @@ def test_gc_names_a_mount_that_did_not_acknowledge_the_last_delete(
     monkeypatch.setattr(store_mod, "MOUNT_ACK_TIMEOUT", 0.2)
     assert cli_mod.main(["--store", str(store_root), "gc", "--grace", "0"]) == 0
     out, err = capsys.readouterr()
-    assert "freed 1 blobs" in out
+    assert "freed 1 blob (" in out
     assert "the mount at /mnt/stuck did not acknowledge the last delete" in err

@@ -339,7 +339,7 @@ def make_base(root: Path, src: str, setup: str) -> None:
         if setup in ("v0v1", "garbage"):
             s.log_artifact(build_v1(src))
         if setup == "garbage":
-            s.delete("ds:v0")
+            s.delete("ds:v0", delete_aliases=True)
             stale = root / "blobs" / "tmp" / "999999999-1-1.tmp"
             stale.write_bytes(b"left by a writer that died long ago")
             os.utime(stale, (time.time() - 7200, time.time() - 7200))

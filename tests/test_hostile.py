@@ -230,9 +230,11 @@ def test_cli_show_of_a_version_number_too_big_for_the_catalog_fails_with_one_lin
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-# -- symlinks given to add_dir ------------------------------------------------------------------
-# The rule (Artifact.add_dir): symlinks to regular files are stored with their target's content;
-# symlinks to directories are not followed; other special files are skipped.
+# -- symlinks given to add_dir and add_reference -------------------------------------------------
+# The rule (tree.py): add_dir keeps a link whose relative target stays inside the tree as a link;
+# one that is absolute, leads outside or loops is followed as `cp -L` would (a file's content is
+# stored, a directory is never walked). add_reference follows every link that way. Other special
+# files are skipped. tests/test_trees.py has the rest of the rule.
 
 
 @pytest.fixture
@@ -255,36 +257,44 @@ def linked_tree(tmp_path: Path) -> Path:
     return t
 
 
+# What add_reference makes of the tree: cp -L for every link (files stored, directories skipped).
 LINKED_TREE_ENTRIES = {
     "real.txt": b"real\n",
     "sub/s.txt": b"in sub\n",
     "link-to-file": b"real\n",
     "link-out-file": b"outside the tree\n",
 }
+# add_dir keeps the in-tree links to a file and to a directory as symlinks.
+LINKED_TREE_KEPT_LINKS = {"link-to-file": "real.txt", "link-to-sub": "sub"}
 
 
-def test_add_dir_stores_symlinks_to_files_with_their_content(store: Store, linked_tree: Path, tmp_path: Path) -> None:
+def test_add_dir_stores_symlinks_to_outside_files_with_their_content(
+        store: Store, linked_tree: Path, tmp_path: Path) -> None:
     art = Artifact("linked", type="dataset")
     art.add_dir(linked_tree)
     v = store.log_artifact(art)
     root = Path(v.download(str(tmp_path / "dl")))
-    got = {p: (root / p).read_bytes() for p in ("link-to-file", "link-out-file")}
-    assert got == {"link-to-file": b"real\n", "link-out-file": b"outside the tree\n"}
+    assert (root / "link-out-file").read_bytes() == b"outside the tree\n"
+    assert (root / "link-to-file").read_bytes() == b"real\n"  # through the kept link
 
 
-def test_add_dir_does_not_follow_symlinks_to_directories(linked_tree: Path) -> None:
+def test_add_dir_keeps_in_tree_links_and_skips_outside_directories_and_loops(linked_tree: Path) -> None:
     art = Artifact("linked", type="dataset")
     art.add_dir(linked_tree)
-    assert set(art.manifest.entries) == set(LINKED_TREE_ENTRIES)
+    m = art.manifest.entries
+    assert set(m) == {"real.txt", "sub/s.txt", "link-out-file", *LINKED_TREE_KEPT_LINKS}
+    assert {p: e.target for p, e in m.items() if e.kind == "symlink"} == LINKED_TREE_KEPT_LINKS
 
 
-def test_add_dir_stored_files_are_real_files_in_a_download(store: Store, linked_tree: Path, tmp_path: Path) -> None:
+def test_add_dir_links_come_back_as_links_and_others_as_real_files(
+        store: Store, linked_tree: Path, tmp_path: Path) -> None:
     art = Artifact("linked", type="dataset")
     art.add_dir(linked_tree)
     v = store.log_artifact(art)
     root = Path(v.download(str(tmp_path / "dl")))
-    for p in LINKED_TREE_ENTRIES:
+    for p in ("real.txt", "sub/s.txt", "link-out-file"):
         assert stat.S_ISREG(os.lstat(root / p).st_mode), p
+    assert {p: os.readlink(root / p) for p in LINKED_TREE_KEPT_LINKS} == LINKED_TREE_KEPT_LINKS
 
 
 def test_add_reference_of_a_linked_tree_follows_the_same_rule(linked_tree: Path) -> None:

@@ -147,20 +147,25 @@ def test_unchanged_checksummed_reference_is_not_read_again(
     assert v.version == v0.version
 
 
-def test_unchanged_relog_touches_no_blob_and_a_new_version_touches_the_ones_it_reuses(
-        store: Store, data_dir: Path, data_files) -> None:
-    """A re-log that returns the latest version needs nothing of its blobs; one that makes a
-    new version refreshes the mtime of each blob it reuses, so gc's grace period covers them."""
+def test_unchanged_relog_syncs_no_blob_and_a_new_version_syncs_the_ones_it_reuses(
+        store: Store, data_dir: Path, data_files, monkeypatch) -> None:
+    """A re-log that returns the latest version needs nothing of its blobs; one that makes a new
+    version makes the blobs it reuses durable with its own (one may come from a writer that
+    died before its sync)."""
     log_tree(store, data_dir)
-    old = 1_000_000_000
-    paths = {b3(d): Path(store.blobs.path(b3(d))) for d in data_files.values()}
-    for p in paths.values():
-        os.utime(p, (old, old))
+    synced: list[list[str]] = []
+    orig = store.blobs.sync
+
+    def record() -> None:
+        synced.append(list(store.blobs._unsynced))
+        orig()
+
+    monkeypatch.setattr(store.blobs, "sync", record)
     assert log_tree(store, data_dir).version == "v0"
-    assert {p.stat().st_mtime for p in paths.values()} == {old}
+    assert synced == [[]]
     (data_dir / "new.txt").write_bytes(b"a new file\n")
     assert log_tree(store, data_dir).version == "v1"
-    assert all(p.stat().st_mtime > old for p in paths.values())
+    assert {store.blobs.path(b3(d)) for d in data_files.values()} <= set(synced[1])
 
 
 def test_new_version_reusing_a_cached_blob_that_gc_took_stores_it_again(

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
 from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, require_fuse, wait_until  # noqa: F401
-from helpers import log_files
+from helpers import log_files, run
 
 pytestmark = pytest.mark.fuse
 
@@ -32,14 +31,6 @@ FILES = {
 }
 
 
-
-
-def run(*cmd: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}: {p.stderr}")
-    return p
 
 
 @pytest.fixture
@@ -72,7 +63,7 @@ def test_python_open_reads_every_file(ds: Store, mounter: Mounter) -> None:
 
 def test_stat_shows_read_only_modes_and_version_mtime(ds: Store, mounter: Mounter) -> None:
     m = mounter.start(ds.root)
-    created = int(ds.artifact("ds:v1").created_at)
+    created = int(ds.artifact("ds:v1").created_at.timestamp())
     out = run("stat", "-c", "%a %F %Y %s", m.path / "ds/v1/a.txt").stdout.split()
     assert out[0] == "444" and out[-2] == str(created) and out[-1] == "6"
     assert run("stat", "-c", "%a", m.path / "ds/v1/sub").stdout.strip() == "555"
@@ -128,7 +119,7 @@ def test_new_artifact_and_moved_alias_appear_while_mounted(ds: Store, mounter: M
 def test_deleted_version_disappears_while_mounted(ds: Store, mounter: Mounter) -> None:
     m = mounter.start(ds.root)
     assert (m.path / "ds/v0/a.txt").exists()
-    ds.delete("ds:v0")
+    ds.delete("ds:v0", delete_aliases=True)
     assert wait_until(lambda: not os.path.exists(m.path / "ds/v0"), 2.0)
     assert not os.path.lexists(m.path / "ds/best")
 

@@ -49,7 +49,7 @@ def test_blob_is_a_reflink_clone_of_its_source(xfs: Path, size: int) -> None:
     a.add_file(str(src))
     v = store.log_artifact(a)
     blob = store.blobs.path(v.get_path("src.bin").blob or "")
-    assert store.blobs.reflink_ok is True
+    assert not store.blobs.no_reflink_from
     assert shared_extents(blob), "the blob does not share extents with its source"
     assert Path(blob).read_bytes() == data
     v.verify()
@@ -57,4 +57,22 @@ def test_blob_is_a_reflink_clone_of_its_source(xfs: Path, size: int) -> None:
     with open(src, "r+b") as f:
         f.write(b"\0" * 16)
     assert Path(blob).read_bytes() == data
+    store.close()
+
+
+def test_a_failed_clone_from_another_filesystem_leaves_reflinks_on_for_this_one(xfs: Path, tmp_path: Path) -> None:
+    """A draft's temp file (or any source off the store's filesystem) cannot be cloned; that must
+    not turn reflinks off for sources on the store's own filesystem."""
+    store = Store(xfs / "store")
+    elsewhere = Artifact("x")
+    with elsewhere.new_file("staged.bin", mode="wb") as f:  # staged in $TMPDIR, not on the XFS
+        f.write(os.urandom(100_000))
+    store.log_artifact(elsewhere)
+    assert store.blobs.no_reflink_from  # that clone failed, and was remembered for its filesystem
+    src = xfs / "src.bin"
+    src.write_bytes(os.urandom(100_000))
+    a = Artifact("y")
+    a.add_file(str(src))
+    blob = store.blobs.path(store.log_artifact(a).get_path("src.bin").blob or "")
+    assert shared_extents(blob), "a clone from the store's own filesystem was not even tried"
     store.close()
