@@ -124,7 +124,8 @@ class BlobStore:
     def path(self, oid: str) -> str:
         if not is_oid(oid):
             raise ValueError(f"not a blob id: {oid!r}")
-        return os.path.join(self.dir, oid[:2], oid)
+        # An f-string, not os.path.join: a third of the per-blob stat a re-log makes.
+        return f"{self.dir}/{oid[:2]}/{oid}"
 
     def has(self, oid: str) -> bool:
         return os.path.exists(self.path(oid))

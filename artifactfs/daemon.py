@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -43,6 +44,7 @@ LOG_FILE_ENV = "ARTIFACTFS_LOG_FILE"  # where a detached daemon's log goes (else
 POLL_SECONDS = 0.5  # catalog generation poll: a new version shows within about a second
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024  # 1 MiB FUSE read requests (measured ~1.6x the 128 KiB default)
+FSTYPE = "fuse.artifactfs"  # what mountinfo shows for our mounts (subtype=artifactfs)
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -167,9 +169,51 @@ def check_mountpoint(mountpoint: str) -> str | None:
 
 
 def _store_problem(store_root: str) -> str | None:
-    if not os.path.isdir(store_root) or not os.path.exists(os.path.join(store_root, "catalog.db")):
-        return f"no store at {store_root} (log an artifact first, or pass --store)"
+    """Why the store cannot be mounted (the Store's own words), or None."""
+    from .store import Store
+
+    try:
+        Store(store_root, create=False).close()
+    except ArtifactFSError as e:
+        return one_line(e)
     return None
+
+
+def patch_problem() -> str | None:
+    """A warning when pyfuse3 lacks the project's patch (a plain `pip install pyfuse3`), or None."""
+    try:
+        import pyfuse3
+    except ImportError:
+        return None  # fuse_problem says so
+    if getattr(pyfuse3, "OPENDIR_FILEINFO", False) and getattr(pyfuse3, "OPENLESS_READ_INODE", False):
+        return None
+    return (f"this pyfuse3 ({pyfuse3.__file__}) lacks artifactfs's patch: every small file costs an OPEN and a "
+            f"RELEASE in Python ({STOCK_PYFUSE3_COST}) and listings are not cached; "
+            "scripts/setup-env builds the patched pyfuse3 (README: Performance)")
+
+
+# Measured with `scripts/bench --quick --no-peers read-small`, stock pyfuse3 3.5.0 against the patch.
+STOCK_PYFUSE3_COST = "small files read at 0.07-0.16x native instead of 0.83-1.13x"
+
+
+def _mountinfo_fstype(mountpoint: str) -> str | None:
+    """The filesystem type /proc/self/mountinfo gives for a mountpoint (the last mount on it), or None."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+                    found = right.split()[0] if right else ""
+    except OSError:
+        return None
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040, ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _fail(mountpoint: str, reason: str) -> int:
@@ -194,6 +238,9 @@ def mount_command(store_root: str, mountpoint: str, *, artifact: str | None, all
     if reason is not None:
         _report(ready_fd, f"cannot mount at {mountpoint}: {reason}")
         return _fail(mountpoint, reason)
+    warning = patch_problem()
+    if warning is not None and ready_fd is None:  # once: a detached child's parent said it already
+        log.warning("%s", warning)
     if not foreground:
         return _spawn_detached(store_root, mountpoint, artifact=artifact, allow_other=allow_other,
                                debug=debug, verify_reads=verify_reads)
@@ -221,6 +268,12 @@ def umount_command(mountpoint: str) -> int:
             return 1
     if not stale and not os.path.ismount(mountpoint):
         print(f"artifactfs: error: cannot unmount {mountpoint}: not mounted", file=sys.stderr)
+        return 1
+    fstype = _mountinfo_fstype(mountpoint)
+    if fstype != FSTYPE:
+        what = f"a {fstype} mount" if fstype else "not a mount this process can see"
+        print(f"artifactfs: error: cannot unmount {mountpoint}: it is {what}, not an artifactfs one; "
+              "nothing was unmounted", file=sys.stderr)
         return 1
     cmd = ["fusermount3", "-u"] + (["-z"] if stale else []) + [mountpoint]
     if shutil.which("fusermount3") is None:
@@ -461,7 +514,7 @@ class _Daemon:
                 vfs.build(vfs.root)  # type: ignore[arg-type]
             ops = Operations(vfs, debug=self.debug, pin_budget=_raise_fd_limit(),
                              ack=lambda gen: store.ack_mount(self.mountpoint, gen) if self.registered else None)
-            options = {"ro", "default_permissions", "fsname=artifactfs", "subtype=artifactfs"}
+            options = {"ro", "default_permissions", "fsname=artifactfs", f"subtype={FSTYPE.split('.', 1)[1]}"}
             if self.allow_other:
                 options.add("allow_other")
             try:

@@ -30,9 +30,9 @@ import xxhash
 
 from .blobstore import hash_fd
 from .catalog import EntryRow, Snapshot, VersionId
-from .errors import NotFound
+from .errors import InvalidName, NotFound
 from .references import Fingerprint, fingerprint, holds_digest, local_path_of, logged_fingerprint
-from .tree import DIRECTORY, SYMLINK
+from .tree import DIRECTORY, SYMLINK, check_link_target
 
 __all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",
            "ArtifactDir", "VersionInfo", "OpenFile", "NeedsHash", "Invalidation", "ROOT_INODE"]
@@ -259,8 +259,13 @@ def link_target(local: str | None, uri: str) -> bytes:
     if local is not None:
         return _encode(local)
     if any(part in (".", "..") for part in uri.split("/")):
-        return _encode(uri.replace("%", "%25").replace("/", "%2F"))
+        return _escape_slashes(uri)
     return _encode(uri)
+
+
+def _escape_slashes(target: str) -> bytes:
+    """A link target that can only name something in its own directory: no slash left."""
+    return _encode(target.replace("%", "%25").replace("/", "%2F"))
 
 
 def _encode(name: str) -> bytes:
@@ -632,7 +637,13 @@ class VFS:
     def _make_node(self, vr: VersionRoot, ino: InodeT, name: bytes, row: EntryRow) -> Node:
         """The node of a file or symlink entry (directory entries are made by the builders)."""
         if row.kind == SYMLINK:
-            return Link(ino, name, vr, _encode(row.target or ""), row.digest)
+            try:
+                target = _encode(check_link_target(row.path, row.target))
+            except InvalidName as e:
+                # Only a damaged or forged catalog holds one: never let it lead out of the version.
+                log.warning("%s: %s; its slashes are escaped in the mount", vr.label, e)
+                target = _escape_slashes(str(row.target))
+            return Link(ino, name, vr, target, row.digest)
         if row.blob is not None:
             # A blob entry's digest is its blob id (fsck's check_blob_rows holds the catalog to it).
             cls = ExecBlobFile if row.executable else BlobFile

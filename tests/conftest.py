@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,9 +30,14 @@ DATA_FILES: dict[str, bytes] = {
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point ARTIFACTFS_HOME (and XDG_DATA_HOME) away from the user's real store, and run in
-    a scratch directory (download() without a root writes below the working directory)."""
+    """Point ARTIFACTFS_HOME (and XDG_DATA_HOME) away from the user's real store, run in a
+    scratch directory (download() without a root writes below the working directory), and give
+    temp files (drafts' staging directories, children's too) the test's own directory."""
     home = tmp_path / "home-store"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     monkeypatch.setenv("ARTIFACTFS_HOME", str(home))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))  # daemon logs

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifactfs
+from artifactfs import Artifact, ArtifactFSError, DigestMismatch, InvalidName, Store
 from artifactfs.catalog import SCHEMA_VERSION
-from artifactfs import Artifact, Store
 
 
 def b3(data: bytes) -> str:
@@ -877,3 +877,192 @@ def test_any_logged_tree_downloads_byte_for_byte(files: dict[str, bytes]) -> Non
         assert tree_bytes(v.download(root=os.path.join(tmp, "out"))) == files
         v.verify(os.path.join(tmp, "out"))
         store.close()
+
+
+# -- deletes that cannot surprise anyone --------------------------------------------------------
+
+
+def test_delete_of_a_bare_name_is_refused_and_changes_nothing(store: Store) -> None:
+    log_bytes(store, "mnist", {"f": b"0"})
+    log_bytes(store, "mnist", {"f": b"1"})
+    with pytest.raises(InvalidName, match="mnist:vN"):
+        store.delete("mnist")
+    assert [v.version for v in store.versions("mnist")] == ["v0", "v1"]
+
+
+def test_delete_of_a_version_holding_aliases_is_refused_unless_asked(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"}, aliases=["best", "prod"])
+    before = store.catalog.generation()
+    with pytest.raises(ArtifactFSError, match="best, prod") as e:
+        store.delete("ds:v0")
+    assert "delete_aliases=True" in str(e.value)
+    assert store.artifact("ds:best").version == "v0" and store.catalog.generation() == before
+    store.delete("ds:best", delete_aliases=True)
+    assert store.artifacts() == []
+
+
+def test_delete_of_a_version_holding_only_latest_needs_no_flag(store: Store) -> None:
+    log_bytes(store, "ds", {"f": b"0"})
+    log_bytes(store, "ds", {"f": b"1"})
+    store.delete("ds:latest")
+    assert store.artifact("ds").version == "v0"
+
+
+# -- what a store root may be ---------------------------------------------------------------------
+
+
+def test_a_store_root_that_is_a_regular_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "not-a-dir"
+    f.write_text("x")
+    for create in (True, False):
+        with pytest.raises(ArtifactFSError, match="is a file, not a store directory"):
+            Store(f, create=create)
+    assert f.read_text() == "x"
+
+
+def test_a_missing_root_is_created_unless_create_is_false(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactFSError, match="no store at"):
+        Store(tmp_path / "nowhere", create=False)
+    assert not (tmp_path / "nowhere").exists()
+    Store(tmp_path / "here").close()
+    assert (tmp_path / "here" / "catalog.db").exists()
+
+
+# -- gc frees at once ------------------------------------------------------------------------------
+
+
+def test_gc_with_defaults_frees_a_deleted_versions_blobs_at_once(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"a": b"only in v0", "b": b"shared"})
+    log_bytes(store, "ds", {"b": b"shared"})
+    store.delete("ds:v0")
+    r = store.gc()
+    assert (r.blobs_freed, r.bytes_freed) == (1, len(b"only in v0"))
+    assert set(list_blobs(store.root)) == {b3(b"shared")}
+
+
+def test_gc_grace_seconds_spares_recently_written_garbage(store: Store, list_blobs) -> None:
+    log_bytes(store, "ds", {"a": b"young garbage"})
+    store.delete("ds:v0")
+    assert store.gc(grace_seconds=3600).blobs_freed == 0
+    assert store.gc().blobs_freed == 1
+
+
+# -- repairs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_relog_of_an_unchanged_tree_restores_a_damaged_blob(store: Store, data_dir: Path, damage: str) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v0 = store.log_artifact(art)
+    blob = Path(store.blobs.path(v0.get_path("sub/b.bin").blob or ""))
+    if damage == "missing":
+        blob.unlink()
+    else:
+        os.chmod(blob, 0o644)
+        with open(blob, "r+b") as f:
+            f.truncate(10)
+    assert not store.fsck().ok
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    assert store.log_artifact(art).version == "v0"  # the same version, made whole again
+    assert store.fsck().ok
+    v0.verify()
+
+
+def test_a_corrupt_blob_quarantined_by_fsck_is_restored_by_the_next_relog(store: Store, data_dir: Path) -> None:
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    v0 = store.log_artifact(art)
+    blob = Path(store.blobs.path(v0.get_path("a.txt").blob or ""))
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"ALPHA\n")  # same size, other bytes: only a hash sees it
+    assert store.fsck(repair=True).quarantined
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    assert store.fsck().ok
+
+
+def test_a_reference_rewritten_at_the_same_size_with_its_mtime_restored_is_never_served(
+        store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "ref.json"
+    src.write_text('{"a": 1}')
+    art = Artifact("ds", type="dataset")
+    art.add_reference(f"file://{src}", name="cfg.json")
+    v = store.log_artifact(art)
+    st = os.stat(src)
+    with open(src, "r+") as f:  # same inode, same size, mtime put back: only ctime tells
+        f.write('{"a": 2}')
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DigestMismatch):
+        v.get("cfg")
+    with pytest.raises(DigestMismatch):
+        v.get_path("cfg.json").download(str(tmp_path / "dl"))
+
+
+# -- drafts clean up after themselves ---------------------------------------------------------------
+
+
+def test_a_draft_that_is_never_logged_leaves_no_staging_directory(tmp_path: Path) -> None:
+    import gc
+
+    tmp = Path(tempfile.gettempdir())
+    art = Artifact("ds", type="dataset")
+    with art.new_file("x.txt") as f:
+        f.write("x")
+    staged = [p for p in tmp.iterdir() if p.name.startswith("artifactfs-draft-")]
+    assert len(staged) == 1
+    del art, f
+    gc.collect()
+    assert not staged[0].exists()
+
+
+def test_staging_directories_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.gettempdir())
+    script = ("import os; from artifactfs import Artifact; a = Artifact('ds'); "
+              "f = a.new_file('x.txt'); f.write('x'); f.close(); os._exit(0)")  # no clean exit
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "TMPDIR": str(tmp)})
+    left = [p for p in tmp.iterdir() if p.name.startswith("artifactfs-draft-")]
+    assert len(left) == 1
+    art = Artifact("ds", type="dataset")
+    with art.new_file("y.txt") as f:  # the next draft that stages sweeps the dead one's
+        f.write("y")
+    assert not left[0].exists()
+
+
+# -- progress in bytes --------------------------------------------------------------------------------
+
+
+def test_log_download_and_verify_report_progress_in_bytes(store: Store, tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 << 20))  # large: copied and hashed in chunks
+    (tmp_path / "small.txt").write_bytes(b"12345")
+    art = Artifact("ds", type="dataset")
+    art.add_file(big)
+    art.add_file(tmp_path / "small.txt")
+    total = (40 << 20) + 5
+    for run in ("log", "download", "verify"):
+        calls: list[tuple[int, int]] = []
+
+        def progress(done: int, all_: int) -> None:
+            calls.append((done, all_))
+
+        import artifactfs.ingest as ingest_mod
+        old = ingest_mod.Meter.INTERVAL
+        ingest_mod.Meter.INTERVAL = 0  # every update, for the test
+        try:
+            if run == "log":
+                v = store.log_artifact(art, progress=progress)
+            elif run == "download":
+                v.download(str(tmp_path / "dl"), progress=progress)
+            else:
+                v.verify(progress=progress)
+        finally:
+            ingest_mod.Meter.INTERVAL = old
+        assert calls[-1] == (total, total), run
+        assert all(a <= b for (a, _), (b, _) in zip(calls, calls[1:])), run
+        assert any(0 < d < total for d, _ in calls), f"{run}: no progress inside the large file"

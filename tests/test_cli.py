@@ -345,10 +345,13 @@ def test_catalog_from_a_newer_artifactfs_is_a_one_line_error(cli, store_root: Pa
     assert_user_error(cli("ls"))
 
 
-def test_store_path_that_is_a_file_is_a_one_line_error(cli, tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("command", [["log", "ds", "DATA"], ["ls"], ["show", "ds"]])
+def test_store_path_that_is_a_file_says_so(cli, tmp_path: Path, data_dir: Path, command) -> None:
     f = tmp_path / "not-a-dir"
     f.write_bytes(b"x")
-    assert_user_error(cli("log", "ds", data_dir, store=f))
+    r = cli(*[str(data_dir) if a == "DATA" else a for a in command], store=f)
+    assert_user_error(r)
+    assert "is a file, not a store directory" in r.stderr
     assert f.read_bytes() == b"x"
 
 
@@ -399,3 +402,69 @@ def test_gc_names_a_mount_that_did_not_acknowledge_the_last_delete(
     out, err = capsys.readouterr()
     assert "freed 1 blob (" in out
     assert "the mount at /mnt/stuck did not acknowledge the last delete" in err
+
+
+def test_store_is_accepted_after_the_command_too(open_store, cli, store_root: Path, data_dir: Path) -> None:
+    cli("log", "ds", data_dir, "--store", store_root, store=None, check=True)
+    rows = json.loads(cli("ls", "--store", store_root, "--json", store=None, check=True).stdout)
+    assert [r["name"] for r in rows] == ["ds"]
+    assert open_store(store_root).artifacts() == ["ds"]
+
+
+def test_every_argument_of_every_command_has_help_text() -> None:
+    import argparse
+
+    from artifactfs.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name}: {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert missing == []
+
+
+def test_delete_help_says_what_it_refuses(cli) -> None:
+    out = " ".join(cli("delete", "--help", store=None, check=True).stdout.split())
+    assert "bare NAME" in out and "aliases other than 'latest'" in out and "--delete-aliases" in out
+
+
+def test_delete_refuses_a_bare_name_and_a_version_with_aliases(open_store, cli, store_root: Path, data_dir: Path) -> None:
+    cli("log", "ds", data_dir, "--alias", "best", check=True)
+    for args in (["delete", "ds"], ["delete", "ds:v0"]):
+        assert_user_error(cli(*args))
+    assert [v.version for v in open_store(store_root).versions("ds")] == ["v0"]
+    cli("delete", "ds:v0", "--delete-aliases", check=True)
+    assert open_store(store_root).artifacts() == []
+
+
+def test_counts_are_singular_for_one(cli, store_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "f.txt").write_text("f\n")
+    out = cli("log", "ds", tmp_path / "one", check=True).stdout
+    assert "1 entry," in out
+    assert "1 entry verified" in cli("verify", "ds", check=True).stdout
+    cli("delete", "ds:v0", check=True)
+    assert "freed 1 blob (" in cli("gc", check=True).stdout
+
+
+def test_show_lists_50_entries_unless_all(cli, tmp_path: Path) -> None:
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(60):
+        (d / f"f{i:02d}.txt").write_text(str(i))
+    cli("log", "ds", d, check=True)
+    short = cli("show", "ds", check=True).stdout
+    assert "f49.txt" in short and "f50.txt" not in short and "10 more entries" in short
+    assert "f59.txt" in cli("show", "ds", "--all", check=True).stdout
+
+
+def test_fsck_references_lists_a_changed_reference_and_exits_3(cli, tmp_path: Path) -> None:
+    ref = tmp_path / "ref.txt"
+    ref.write_text("logged\n")
+    cli("log", "ds", "--ref", f"file://{ref}", check=True)
+    assert cli("fsck", "--references").returncode == 0
+    ref.write_text("changed!\n")
+    r = cli("fsck", "--references")
+    assert r.returncode == 3
+    assert "CHANGED ds:v0/ref.txt" in r.stdout and "1 reference checked" in r.stdout
+    assert cli("fsck").returncode == 0  # without --references the store itself is sound

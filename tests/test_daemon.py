@@ -91,3 +91,34 @@ def test_require_fuse_fails_instead_of_skipping_when_required(monkeypatch: pytes
     monkeypatch.setenv("ARTIFACTFS_REQUIRE_FUSE", "1")
     with pytest.raises(pytest.fail.Exception, match="ARTIFACTFS_REQUIRE_FUSE=1"):
         fusehelpers.require_fuse()
+
+
+def test_umount_refuses_a_mount_that_is_not_artifactfs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As root, `artifactfs umount` of a tmpfs once unmounted it."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mp = tmp_path / "tmpfs"
+    mp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mp)], check=True)
+    try:
+        (mp / "keep.txt").write_text("still here\n")
+        assert daemon.umount_command(str(mp)) == 1
+        err = capsys.readouterr().err
+        assert "a tmpfs mount, not an artifactfs one; nothing was unmounted" in err
+        assert os.path.ismount(mp) and (mp / "keep.txt").read_text() == "still here\n"
+    finally:
+        subprocess.run(["umount", str(mp)], check=False)
+
+
+def test_a_pyfuse3_without_the_patch_gets_one_warning_with_the_cost_and_the_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyfuse3
+
+    assert daemon.patch_problem() is None  # the patched build scripts/setup-env makes
+    monkeypatch.delattr(pyfuse3, "OPENLESS_READ_INODE", raising=False)
+    w = daemon.patch_problem()
+    assert w is not None and "\n" not in w
+    assert "0.07-0.16x native" in w and "scripts/setup-env" in w

@@ -431,3 +431,16 @@ def test_catalog_created_under_umask_077_is_0600(modes_under_umask_077: dict[str
 def test_nothing_in_a_store_created_under_umask_077_is_open_to_others(modes_under_umask_077: dict[str, int]) -> None:
     wide = {p: oct(stat.S_IMODE(m)) for p, m in modes_under_umask_077.items() if m & 0o077}
     assert wide == {}
+
+
+@pytest.mark.parametrize("target", ["../../outside", "/etc/passwd", ""])
+def test_check_entry_kinds_finds_a_symlink_that_leads_out_of_its_version(
+        open_store, built: Path, target: str) -> None:
+    sql(built, "INSERT INTO entries (version_id, path, digest, size, kind, target) "
+               "SELECT id, 'evil', 'x', 1, 'symlink', ? FROM versions WHERE idx = 1", (target,))
+    assert "bad-link" in kinds(fsck(open_store, built))
+
+
+def test_check_entry_kinds_finds_an_unknown_kind(open_store, built: Path) -> None:
+    sql(built, "UPDATE entries SET kind = 'fifo' WHERE path = 'a.txt'")
+    assert "bad-row" in kinds(fsck(open_store, built))

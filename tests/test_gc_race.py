@@ -8,6 +8,7 @@ processes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -247,3 +248,68 @@ def test_every_surviving_version_verifies_after_loggers_raced_gc(stressed, open_
         assert v.digest == logged[v.index], f"{v.qualified_name} is not what its logger logged"
         assert v.file_count == 6
         v.verify()
+
+
+# -- leases across processes ----------------------------------------------------------------------
+
+PAUSED_LOG = r'''
+import os, signal, sys, time
+from artifactfs import Artifact, Store
+from artifactfs.blobstore import BlobStore
+root, src, ready, go, how = sys.argv[1:6]
+orig = BlobStore.sync
+
+def paused_sync(self):
+    orig(self)
+    open(ready, "w").close()            # every blob is written and synced; the commit is next
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while not os.path.exists(go):       # a slow log: gc runs now, in another process
+        time.sleep(0.01)
+
+BlobStore.sync = paused_sync
+store = Store(root)
+art = Artifact("slow", type="dataset")
+art.add_dir(src)
+print(store.log_artifact(art).version, flush=True)
+'''
+
+
+def start_paused_log(root: Path, src: Path, tmp_path: Path, how: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_LOG, str(root), str(src), str(ready), str(go), how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None or how == "kill", proc.communicate()
+        assert time.monotonic() < deadline, "the log never reached its commit"
+        time.sleep(0.01)
+    return proc, ready, go
+
+
+def test_gc_in_another_process_during_a_slow_log_frees_none_of_its_blobs(
+        store: Store, data_dir: Path, tmp_path: Path, list_blobs) -> None:
+    proc, _ready, go = start_paused_log(Path(store.root), data_dir, tmp_path, "pause")
+    try:
+        written = set(list_blobs(store.root))
+        assert written, "the log wrote no blob before its commit"
+        report = store.gc()
+        assert report.blobs_freed == 0 and set(list_blobs(store.root)) == written
+    finally:
+        go.touch()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "v0"
+    store.artifact("slow:v0").verify()
+
+
+def test_a_log_killed_between_its_blob_writes_and_its_commit_leaves_garbage_gc_frees_at_once(
+        store: Store, data_dir: Path, tmp_path: Path, list_blobs) -> None:
+    proc, _ready, _go = start_paused_log(Path(store.root), data_dir, tmp_path, "kill")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -9
+    assert list_blobs(store.root), "the killed log wrote no blob"
+    report = store.gc()  # defaults: no grace period to wait out
+    assert report.blobs_freed > 0 and list_blobs(store.root) == {}
+    assert os.listdir(os.path.join(store.root, "leases")) == []  # the dead lease went too
+    assert store.fsck().ok and store.artifacts() == []

@@ -404,3 +404,16 @@ def test_watch_callback_gets_directories_of_checksummed_references(ref_store: tu
     walk(v, "refs/v0")
     v.listing(walk(v, "refs/v0").ino)
     assert seen == [str(ref_dir)]
+
+
+def test_a_forged_symlink_that_would_lead_out_of_the_version_is_defused(store) -> None:
+    """A symlink row only a damaged or forged catalog could hold shows with its slashes escaped."""
+    from helpers import log_files
+
+    v = log_files(store, "ds", {"a.txt": b"a"})
+    with store.catalog.transaction() as c:
+        c.execute("INSERT INTO entries (version_id, path, digest, size, kind, target) VALUES (?, ?, ?, ?, ?, ?)",
+                  (v.id, "evil", "x", 3, "symlink", "../../../../etc/passwd"))
+    vfs = make_vfs(store)
+    link = walk(vfs, "ds/v0/evil")
+    assert vfs.readlink(link) == b"..%2F..%2F..%2F..%2Fetc%2Fpasswd"
