@@ -336,11 +336,12 @@ class Catalog:
         r = self.get_row(f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path = ?", (vid, path))
         return None if r is None else _entry_row(r)
 
-    def entries_under(self, vid: int, prefix: str) -> list[EntryRow]:
-        # Range scan on the primary key: every path starting with prefix.
+    def entries_under(self, vid: int, prefix: str, limit: int | None = None) -> list[EntryRow]:
+        """Every entry whose path starts with `prefix` (at most `limit`), in path order."""
+        # Range scan on the primary key.
         return [_entry_row(r) for r in self.query(
-            f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path",
-            (vid, prefix, prefix + "\U0010ffff"))]
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path >= ? AND path < ? ORDER BY path"
+            + ("" if limit is None else f" LIMIT {int(limit)}"), (vid, prefix, prefix + "\U0010ffff"))]
 
     def snapshot(self) -> Snapshot:
         """Artifacts, versions and aliases as one consistent picture (one read transaction)."""

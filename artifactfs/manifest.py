@@ -207,7 +207,8 @@ def _wandb_entry(e: ManifestEntry) -> dict[str, Any]:
 
 
 def manifest_digest(entries: Iterable[Any]) -> str:
-    """blake3 over a canonical encoding of the sorted entries.
+    """blake3 over a canonical encoding of the sorted entries (ManifestEntry or catalog rows:
+    anything with path, digest, size, ref, kind, executable and target).
 
     A plain file is `[path, digest, size, ref]` (as before symlinks and directories existed, so
     older versions keep their digests); an executable file adds "x", a symlink "l" and its
@@ -218,12 +219,11 @@ def manifest_digest(entries: Iterable[Any]) -> str:
     encode = _CANONICAL.encode  # one encoder: json.dumps with options builds one per call
     for e in sorted(entries, key=lambda e: e.path):
         fields: list[Any] = [e.path, e.digest, e.size, e.ref]
-        kind = getattr(e, "kind", FILE)
-        if kind == SYMLINK:
+        if e.kind == SYMLINK:
             fields += ["l", e.target]
-        elif kind == DIRECTORY:
+        elif e.kind == DIRECTORY:
             fields.append("d")
-        elif getattr(e, "executable", False):
+        elif e.executable:
             fields.append("x")
         h.update(encode(fields).encode("utf-8"))
         h.update(b"\n")

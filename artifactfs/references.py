@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from . import names
 from .blobstore import hash_fd
 from .errors import ArtifactFSError, InvalidName, NotFound, ReferenceError_
+from .tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, check_link_target, resolve_link
 
 if TYPE_CHECKING:
     from .catalog import Catalog, EntryRow
@@ -209,7 +210,12 @@ def _parse_artifact(uri: str, name: str | None, max_objects: int) -> PendingArti
 
 def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
                          find_version: "object") -> list[tuple[str, EntryRow]]:
-    """Resolve to (entry path, target row) pairs; `find_version(spec)` returns a VersionRow."""
+    """Resolve to (entry path, target row) pairs; `find_version(spec)` returns a VersionRow.
+
+    A symlink of the target version means what it points at there: one named on its own is
+    replaced by the file it leads to; under a directory prefix it stays a symlink where its
+    target is copied too, and is otherwise followed as `cp -L` would (a file's row, or nothing).
+    """
     vrow = find_version(ref.artifact)  # type: ignore[operator]
     if ref.path == "" or ref.path.endswith("/"):
         rows = catalog.entries_under(vrow.id, ref.path) if ref.path else catalog.entries(vrow.id)
@@ -220,9 +226,56 @@ def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
                 f"reference {ref.uri!r} expands to {len(rows)} entries, more than max_objects={ref.max_objects}; "
                 "nothing was logged")
         prefix = ref.name.rstrip("/") if ref.name else None
-        return [(names.join_entry(prefix, r.path[len(ref.path):]), r) for r in rows]
+        out = []
+        for r in rows:
+            kept = _link_under(catalog, vrow.id, r, ref.path) if r.kind == SYMLINK else r
+            if kept is not None:
+                out.append((names.join_entry(prefix, r.path[len(ref.path):]), kept))
+        return out
     row = catalog.entry(vrow.id, ref.path)
     if row is None:
         raise NotFound(f"reference {ref.uri!r}: {vrow.name}:v{vrow.idx} has no entry {ref.path!r}")
+    if row.kind != FILE:
+        target = _followed_file(catalog, vrow.id, row)
+        if target is None:
+            raise ReferenceError_(f"reference {ref.uri!r}: {ref.path!r} is a {row.kind} that leads to no file of "
+                                  f"{vrow.name}:v{vrow.idx} (a directory takes a trailing '/')")
+        row = target
     entry = names.check_entry_path(ref.name if ref.name is not None else ref.path.rsplit("/", 1)[-1])
     return [(entry, row)]
+
+
+def _catalog_lookup(catalog: Catalog, vid: int) -> Lookup:
+    """What a path of a logged version is, asked of the catalog (for the few symlinks resolved)."""
+    def lookup(p: str) -> tuple[Kind, str | None] | None:
+        e = catalog.entry(vid, p)
+        if e is not None:
+            return e.kind, e.target  # type: ignore[return-value]
+        return (DIRECTORY, None) if p == "" or catalog.entries_under(vid, p + "/", limit=1) else None
+
+    return lookup
+
+
+def _followed_file(catalog: Catalog, vid: int, row: EntryRow) -> EntryRow | None:
+    """The file row a symlink row leads to inside its version, or None."""
+    if row.kind != SYMLINK or row.target is None:
+        return None
+    where = resolve_link(row.path, row.target, _catalog_lookup(catalog, vid))
+    t = catalog.entry(vid, where) if isinstance(where, str) else None
+    return t if t is not None and t.kind == FILE else None
+
+
+def _link_under(catalog: Catalog, vid: int, row: EntryRow, prefix: str) -> EntryRow | None:
+    """A symlink row copied with a directory prefix: kept when what it leads to is copied too
+    (and its target does not climb above the prefix), else the file it leads to, else None."""
+    assert row.target is not None
+    base = prefix.rstrip("/")
+    where = resolve_link(row.path, row.target, _catalog_lookup(catalog, vid))
+    if isinstance(where, str) and (not base or where == base or where.startswith(base + "/")):
+        try:
+            check_link_target(row.path[len(prefix):], row.target)
+            return row
+        except InvalidName:
+            pass  # it reaches its target by way of a parent that is not copied
+    t = _followed_file(catalog, vid, row)
+    return None if t is None else t._replace(path=row.path)

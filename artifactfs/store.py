@@ -157,11 +157,12 @@ class Store:
                     raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
                 raise
             for (path, item), h in zip(job_paths, hashed):
-                want = expect.get(path)
-                if want is not None and want[1] != (h.md5 if want[0] == "md5" else h.xxh128):
-                    raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {want[0].upper()} digest "
-                                         f"{want[1]} (it is {h.md5 if want[0] == 'md5' else h.xxh128}); "
-                                         "nothing was logged")
+                if path in expect:  # an import: the content must be what W&B recorded
+                    alg, want = expect[path]
+                    got = h.md5 if alg == "md5" else h.xxh128
+                    if got != want:
+                        raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {alg.upper()} digest "
+                                             f"{want} (it is {got}); nothing was logged")
                 if isinstance(item, LocalFile):
                     entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
                                              item.executable)
@@ -172,10 +173,10 @@ class Store:
                     entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
             for path, more in artifact._extra.items():  # what an import keeps of W&B's entries
                 entries[path] = entries[path]._replace(extra={**entries[path].extra, **more})
-            digest = manifest_digest(_as_entries(entries.values()))
+            digest = manifest_digest(entries.values())
             # A re-log must leave the version whole: a blob of it that went missing or lost
             # bytes is written again from its source (a stat per blob).
-            self._restore_blobs(entries, job_paths, hashed, lease)
+            self._restore_blobs(job_paths, hashed, lease)
             if digest != self.catalog.latest_digest(artifact.name):
                 # Blobs of stat-cache hits are synced with the rest (they may come from a writer
                 # that died before its sync); an unchanged re-log syncs nothing: they are the
@@ -226,8 +227,7 @@ class Store:
         art = draft_from_wandb(name, load_manifest(manifest), base, type=type)
         return self.log_artifact(art, aliases=aliases, progress=progress)
 
-    def _restore_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]],
-                       hashed: list[Hashed], lease: Lease) -> None:
+    def _restore_blobs(self, job_paths: list[tuple[str, Any]], hashed: list[Hashed], lease: Lease) -> None:
         """Write again, from the source just logged, every blob that is missing or has the
         wrong size (a corrupt blob of the right size is fsck's to find: `fsck --repair`
         quarantines it, and the next log restores it here)."""
@@ -414,9 +414,7 @@ def _store_dir(root: str, create: bool) -> str:
         # Created with the caller's umask, no wider: the store may hold private data.
         try:
             os.makedirs(root, exist_ok=True)
-        except FileExistsError:
-            raise ArtifactFSError(f"cannot create a store at {root}: a parent is not a directory") from None
-        except NotADirectoryError:
+        except (FileExistsError, NotADirectoryError):
             raise ArtifactFSError(f"cannot create a store at {root}: a parent is not a directory") from None
         return root
     except NotADirectoryError:
@@ -446,11 +444,6 @@ def _temp_owner(path: str) -> int:
     """The PID in a blob temp file's name (`<pid>-<thread>-<n>.tmp`), or 0 if it has none."""
     head = os.path.basename(path).split("-", 1)[0]
     return int(head) if head.isdigit() else 0
-
-
-def _as_entries(rows: Iterable[EntryRow]) -> list[ManifestEntry]:
-    return [ManifestEntry(r.path, r.digest, r.size, r.ref, kind=r.kind,  # type: ignore[arg-type]
-                          executable=r.executable, target=r.target) for r in rows]
 
 
 class ArtifactVersion:

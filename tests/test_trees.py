@@ -245,3 +245,38 @@ def test_git_clone_of_a_bare_repository_in_the_mount(store: Store, tmp_path: Pat
     clone = tmp_path / "clone"
     run(*env_git, "clone", "-q", m.path / "repo" / v.version / "repo.git", clone)
     assert (clone / "hello.txt").read_text() == "hello\n"
+
+
+# -- artifact:// references into a tree with links --------------------------------------------------
+
+
+def test_an_artifact_reference_to_a_symlink_is_the_file_it_leads_to(store: Store, tree: Path) -> None:
+    log_tree(store, tree, "base")
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/run-chain", name="runner.sh")
+    e = store.log_artifact(art).get_path("runner.sh")
+    assert e.kind == "file" and e.digest == store.artifact("base:v0").get_path("bin/run.sh").digest
+
+
+def test_an_artifact_prefix_reference_keeps_links_whose_targets_come_along(store: Store, tree: Path,
+                                                                            tmp_path: Path) -> None:
+    log_tree(store, tree, "base")
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/bin/", name="tools")
+    m = store.log_artifact(art).manifest.entries
+    assert (m["tools/run"].kind, m["tools/run"].target) == ("symlink", "run.sh")  # its target came along
+    assert m["tools/readme-link"].kind == "file"  # ../README.md did not: followed, as cp -L would
+    assert m["tools/readme-link"].digest == store.artifact("base:v0").get_path("README.md").digest
+    out = Path(store.artifact("derived").download(str(tmp_path / "dl")))
+    assert (out / "tools" / "run").read_text().startswith("#!/bin/sh")
+
+
+def test_an_artifact_reference_to_a_link_to_a_directory_is_refused(store: Store, tree: Path) -> None:
+    from artifactfs import ArtifactFSError
+
+    log_tree(store, tree, "base")
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/spaces")
+    with pytest.raises(ArtifactFSError, match="trailing '/'"):
+        store.log_artifact(art)
+    assert "derived" not in store.artifacts()
