@@ -20,7 +20,7 @@ import os
 import threading
 from typing import Iterable
 
-from .errors import maybe_full
+from .errors import ArtifactFSError, maybe_full
 
 __all__ = ["Lease", "held_blobs", "pid_alive"]
 
@@ -37,7 +37,9 @@ class Lease:
         self.path = os.path.join(directory, name + SUFFIX)
         try:
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            # Readable by whoever may run gc on the store (it holds only blob ids, which blobs/
+            # shows anyway); the umask narrows it for a private store.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise maybe_full(e) from e
         try:
@@ -98,6 +100,10 @@ def held_blobs(directory: str, *, remove_dead: bool = True) -> set[str]:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue  # released meanwhile
+        except PermissionError:
+            # Not knowing what a live log holds, gc must not free anything.
+            raise ArtifactFSError(f"cannot read the lease {path} of another user's log; gc frees nothing "
+                                  "(run it as a user who can read the store's leases/)") from None
         try:
             if _lock_free(fd):
                 if remove_dead:

@@ -313,3 +313,27 @@ def test_a_log_killed_between_its_blob_writes_and_its_commit_leaves_garbage_gc_f
     assert report.blobs_freed > 0 and list_blobs(store.root) == {}
     assert os.listdir(os.path.join(store.root, "leases")) == []  # the dead lease went too
     assert store.fsck().ok and store.artifacts() == []
+
+
+def test_gc_that_cannot_read_a_live_lease_frees_nothing(store: Store, data_dir: Path, tmp_path: Path,
+                                                        list_blobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's lease it may not read: gc cannot know what that log holds, so it stops."""
+    import artifactfs.leases as leases_mod
+
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    store.log_artifact(art)
+    store.delete("ds:v0")
+    before = set(list_blobs(store.root))
+    with leases_mod.Lease(os.path.join(store.root, "leases")) as lease:
+        real_open = os.open
+
+        def refuse(path, flags, *a, **k):  # as os.open of a 0600 lease of another user would
+            if str(path) == lease.path and not flags & os.O_WRONLY:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, flags, *a, **k)
+
+        monkeypatch.setattr(leases_mod.os, "open", refuse)
+        with pytest.raises(ArtifactFSError, match="gc frees nothing"):
+            store.gc()
+    assert set(list_blobs(store.root)) == before
