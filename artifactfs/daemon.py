@@ -269,7 +269,9 @@ def umount_command(mountpoint: str) -> int:
     if not stale and not os.path.ismount(mountpoint):
         print(f"artifactfs: error: cannot unmount {mountpoint}: not mounted", file=sys.stderr)
         return 1
-    fstype = _mountinfo_fstype(mountpoint)
+    # mountinfo names the real path; resolve the parent only (the mountpoint may be stale).
+    fstype = _mountinfo_fstype(os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
+                                            os.path.basename(mountpoint)))
     if fstype != FSTYPE:
         what = f"a {fstype} mount" if fstype else "not a mount this process can see"
         print(f"artifactfs: error: cannot unmount {mountpoint}: it is {what}, not an artifactfs one; "

@@ -321,3 +321,12 @@ def test_version_file_inode_numbers_survive_a_restart(ds: Store, mounter: Mounte
     m2 = mounter.start(ds.root, mountpoint=m.path)
     assert os.stat(m2.path / "ds/v1/sub/b.bin").st_ino == before
     assert stat.S_ISREG(os.stat(m2.path / "ds/v1/sub/b.bin").st_mode)
+
+
+def test_umount_through_a_symlinked_parent(ds: Store, mounter: Mounter, tmp_path: Path) -> None:
+    """mountinfo names the real path: a mount reached through a symlink is still ours."""
+    m = mounter.start(ds.root)
+    os.symlink(m.path.parent, tmp_path / "via-link")
+    p = run(*artifactfs_cmd(), "umount", tmp_path / "via-link" / m.path.name)
+    assert p.returncode == 0, p.stderr
+    assert m.wait_exit(timeout=10) == 0
