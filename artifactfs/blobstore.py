@@ -121,6 +121,45 @@ class BlobStore:
     def ensure(self) -> None:
         os.makedirs(self.tmpdir, exist_ok=True)
 
+    # -- blobs found corrupt: the next log of their source writes them again -------------------
+
+    @property
+    def _suspect_file(self) -> str:
+        return os.path.join(self.dir, "suspect")
+
+    def mark_suspect(self, oid: str) -> None:
+        """Note a blob found corrupt (by fsck, verify or a mount's --verify-reads), so that a
+        re-log, which does not re-hash what the stat cache vouches for, writes it again. On a
+        store this process may not write, there is no note (the finder still reports it)."""
+        self.path(oid)  # a blob id, nothing else, goes in the file
+        try:
+            fd = os.open(self._suspect_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{oid}\n".encode("ascii"))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def suspects(self) -> set[str]:
+        """Blob ids noted corrupt and not yet written again (one small read; usually no file)."""
+        try:
+            with open(self._suspect_file, "rb") as f:
+                return {x for x in f.read().decode("ascii", "replace").split() if is_oid(x)}
+        except FileNotFoundError:
+            return set()
+
+    def clear_suspects(self, oids: set[str]) -> None:
+        """Forget blobs written again (the file is rewritten whole, or removed when empty)."""
+        left = self.suspects() - oids
+        if not left:
+            _unlink_quietly(self._suspect_file)
+            return
+        tmp = self._tmp_name()
+        with open(tmp, "w") as f:
+            f.write("".join(f"{o}\n" for o in sorted(left)))
+        os.replace(tmp, self._suspect_file)
+
     def path(self, oid: str) -> str:
         if not is_oid(oid):
             raise ValueError(f"not a blob id: {oid!r}")
@@ -196,14 +235,14 @@ class BlobStore:
         return PutResult(h.digest, h.xxh128, h.size, written, h.md5)
 
     def _reflink(self, src_fd: int, src_dev: int, fd: int) -> bool:
-        """Reflink src_fd into fd where the filesystems allow it (asked once per source
-        filesystem: ext4 and tmpfs cannot, and are then not asked again)."""
+        """Reflink src_fd into fd where the filesystems allow it (a source filesystem that cannot,
+        such as ext4 or tmpfs, is not asked again)."""
         if src_dev in self.no_reflink_from:
             return False
-        if reflink(src_fd, fd):
-            return True
-        self.no_reflink_from.add(src_dev)
-        return False
+        err = reflink(src_fd, fd)
+        if err in CANNOT_CLONE:
+            self.no_reflink_from.add(src_dev)  # not for ENOSPC or one file's EPERM: those pass
+        return err == 0
 
     def _clone_verified(self, src_fd: int, src_dev: int, fd: int, oid: Digest) -> bool:
         """Reflink src_fd into fd where the filesystem can; True only if the clone is `oid`."""
@@ -350,13 +389,17 @@ class BlobStore:
                 yield f.path, st
 
 
-def reflink(src_fd: int, fd: int) -> bool:
-    """Share src_fd's extents into fd (FICLONE); False where the filesystem cannot."""
+# What FICLONE answers when the filesystems cannot clone at all (as against one file's trouble).
+CANNOT_CLONE = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
+
+
+def reflink(src_fd: int, fd: int) -> int:
+    """Share src_fd's extents into fd (FICLONE): 0 when done, else the errno it failed with."""
     try:
         fcntl.ioctl(fd, FICLONE, src_fd)
-        return True
-    except OSError:
-        return False
+        return 0
+    except OSError as e:
+        return e.errno or errno.EIO
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -114,6 +114,10 @@ class Catalog:
     @property
     def conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
+        if c is not None and self._local.pid != os.getpid():
+            # A forked child (a DataLoader worker) must not use its parent's connection (SQLite
+            # forbids it); it is dropped unclosed, and the child opens its own.
+            c = None
         if c is None:
             c = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                 check_same_thread=True)
@@ -121,6 +125,7 @@ class Catalog:
             c.execute("PRAGMA foreign_keys = ON")
             c.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoint, never corrupt
             self._local.conn = c
+            self._local.pid = os.getpid()
         return c
 
     def _create(self) -> None:

@@ -25,6 +25,7 @@ from fsspec import AbstractFileSystem
 
 from .errors import ArtifactFSError, NotFound
 from .manifest import Manifest, ManifestEntry
+from .references import Fingerprint, fingerprint
 from .store import ArtifactVersion, Store
 from .tree import DIRECTORY, FILE, SYMLINK
 
@@ -34,13 +35,50 @@ PROTOCOL = "artifactfs"
 _VERSIONS_KEPT = 32  # manifests (and their directory indexes) kept per filesystem
 
 
-class ArtifactFile(io.BufferedReader):
-    """A read-only file of an artifact version: a buffered reader on its blob, with `size`."""
+class _CheckedRaw(io.FileIO):
+    """A referenced file served in place: after every read its fingerprint must still be the one
+    it was verified at, else EIO (as the mount does), never other bytes."""
 
-    def __init__(self, fd: int, path: str) -> None:
-        super().__init__(io.FileIO(fd, "rb", closefd=True))
+    def __init__(self, fd: int, good: Fingerprint) -> None:
+        super().__init__(fd, "rb", closefd=True)
+        self.good = good
+
+    def readinto(self, b: Any) -> int | None:
+        n = super().readinto(b)
+        self.check()
+        return n
+
+    def read(self, size: int = -1) -> bytes | None:
+        data = super().read(size)
+        self.check()
+        return data
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self.check()
+        return data
+
+    def check(self) -> None:
+        if fingerprint(os.fstat(self.fileno())) != self.good:
+            raise OSError(errno.EIO, "the referenced file changed while it was open")
+
+
+class ArtifactFile(io.BufferedReader):
+    """A read-only file of an artifact version: a buffered reader on its blob (or verified
+    referenced file), with `size`."""
+
+    def __init__(self, fd: int, path: str, good: Fingerprint | None = None) -> None:
+        super().__init__(io.FileIO(fd, "rb", closefd=True) if good is None else _CheckedRaw(fd, good))
         self.path = path
         self.size = os.fstat(fd).st_size
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Up to n bytes at offset, without moving the file position (checked like read)."""
+        data = os.pread(self.fileno(), n, offset)
+        raw = self.raw
+        if isinstance(raw, _CheckedRaw):
+            raw.check()
+        return data
 
     def __del__(self) -> None:
         # Callers such as pyarrow's FSSpecHandler drop files without closing them; like fsspec's
@@ -196,10 +234,10 @@ class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise _read_only(path)
         ver, e = self._file(path)
         try:
-            fd = ver.v._open_verified(e)
+            fd, good = ver.v._open_verified(e)
         except NotFound as exc:
             raise FileNotFoundError(errno.ENOENT, str(exc), path) from None
-        return ArtifactFile(fd, self._strip_protocol(path))
+        return ArtifactFile(fd, self._strip_protocol(path), good)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """The bytes of a file, or of [start, end) of it (negative: from the end), by pread."""
@@ -209,10 +247,9 @@ class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]
             hi = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
             if hi <= lo:
                 return b""
-            fd = f.fileno()
             chunks = []
             while lo < hi:
-                b = os.pread(fd, hi - lo, lo)
+                b = f.pread(hi - lo, lo)
                 if not b:
                     break
                 chunks.append(b)

@@ -16,8 +16,8 @@ from .errors import CatalogError, InvalidName
 from .ingest import Meter, Progress
 from .manifest import ManifestEntry, manifest_digest
 from .names import check_entry_path
-from .references import local_path_of, logged_fingerprint, open_checked_ref
-from .tree import DIRECTORY, FILE, SYMLINK, check_link_target
+from .references import catalog_lookup, local_path_of, logged_fingerprint, open_checked_ref
+from .tree import DIRECTORY, FILE, SYMLINK, check_link_target, link_problem
 
 if TYPE_CHECKING:
     from .store import Store
@@ -128,6 +128,8 @@ class Fsck:
                     dest = self.store.blobs.quarantine(oid)
                     self.report.quarantined.append(oid)
                     detail += f"; quarantined to {dest}"
+                else:
+                    self.store.blobs.mark_suspect(oid)  # the next log of its source writes it again
                 self._damage("corrupt-blob", detail, oid, versions)
         meter.finish()
 
@@ -172,8 +174,8 @@ class Fsck:
     def check_entry_kinds(self) -> None:
         """Every entry is a file, a symlink whose target stays inside the version, or a
         directory with no entries below it."""
-        for name, idx, path, kind, target, blob in self.cat.query(
-                "SELECT a.name, v.idx, e.path, e.kind, e.target, e.blob FROM entries e "
+        for vid, name, idx, path, kind, target, blob in self.cat.query(
+                "SELECT v.id, a.name, v.idx, e.path, e.kind, e.target, e.blob FROM entries e "
                 "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id"):
             where = [f"{name}:v{idx}"]
             if kind not in (FILE, SYMLINK, DIRECTORY):
@@ -183,6 +185,10 @@ class Fsck:
                     check_link_target(path, target)
                 except InvalidName as e:
                     self._damage("bad-link", str(e), None, where)
+                    continue
+                problem = link_problem(path, target, catalog_lookup(self.cat, vid))
+                if problem is not None:
+                    self._damage("bad-link", f"symlink {path!r} -> {target!r} {problem}", None, where)
             elif kind == DIRECTORY and blob is not None:
                 self._damage("bad-row", f"directory entry {path!r} names a blob", blob, where)
 
@@ -199,10 +205,10 @@ class Fsck:
                 fp = logged_fingerprint(json.loads(extra))
             except (TypeError, ValueError):
                 fp = None
-            fd = open_checked_ref(local, digest, fp) if local else None
+            got = open_checked_ref(local, digest, fp) if local else None
             self.report.references_checked += 1
-            if fd is not None:
-                os.close(fd)
+            if got is not None:
+                os.close(got[0])
                 continue
             label = f"{name}:v{idx}/{path}"
             if is_oid(digest) and self.store.blobs.has(digest):

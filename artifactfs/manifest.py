@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import blake3
 
-from .tree import DIRECTORY, FILE, SYMLINK, Kind, Outcome, resolve_link
+from .errors import ArtifactFSError
+from .tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, Outcome, resolve_link, table_lookup
 
 __all__ = ["ManifestEntry", "Manifest", "manifest_digest", "WANDB_STORAGE_POLICY", "INTERNAL_EXTRA"]
 
@@ -20,6 +22,8 @@ WANDB_STORAGE_LAYOUT = "V2"
 # Keys of `extra` that are ours to keep (digests, the stat fingerprint, what an import kept of W&B's
 # entry), not the user's; W&B's export writes them in its own form.
 INTERNAL_EXTRA = frozenset({"xxh128", "fingerprint", "md5", "wandb"})
+# Entries the W&B export may write for what symlinks point at (W&B has no links).
+MAX_LINK_EXPANSION = 1_000_000
 
 
 @dataclass
@@ -78,39 +82,39 @@ def symlink_digest(target: str) -> str:
 @dataclass
 class Manifest:
     entries: dict[str, ManifestEntry] = field(default_factory=dict)
-    _dirs: set[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _lookup: Lookup | None = field(default=None, init=False, repr=False, compare=False)
+    _sorted: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def digest(self) -> str:
         return manifest_digest(self.entries.values())
 
     def resolve(self, path: str, target: str, visit: Callable[[str], None] | None = None) -> str | Outcome:
         """Where the symlink `path` -> `target` leads inside this version (see tree.resolve_link)."""
-        return resolve_link(path, target, self._lookup, visit)
+        return resolve_link(path, target, self.lookup, visit)
 
-    def _lookup(self, p: str) -> tuple[Kind, str | None] | None:
-        e = self.entries.get(p)
-        if e is not None:
-            return e.kind, e.target
-        return (DIRECTORY, None) if p == "" or self._is_parent(p) else None
+    def lookup(self, p: str) -> tuple[Kind, str | None] | None:
+        """What `p` is in this version (a tree.Lookup): worked out once, as a logged version's
+        entries do not change."""
+        if self._lookup is None:
+            self._lookup = table_lookup({q: (e.kind, e.target) for q, e in self.entries.items()})
+        return self._lookup(p)
 
     def _is_parent(self, p: str) -> bool:
-        """True when `p` is a directory implied by the entries below it (computed once: the
-        entries of a logged version do not change)."""
-        if self._dirs is None:
-            dirs: set[str] = set()
-            for q in self.entries:
-                parts = q.split("/")
-                for i in range(1, len(parts)):
-                    dirs.add("/".join(parts[:i]))
-            self._dirs = dirs
-        return p in self._dirs
+        """True when `p` is a directory implied by the entries below it."""
+        got = self.lookup(p)
+        return got is not None and got[0] == DIRECTORY and p not in self.entries
 
     def files_below(self, prefix: str) -> Iterator[ManifestEntry]:
-        """Entries whose path starts with `prefix` + "/" (all of them for "")."""
+        """Entries whose path starts with `prefix` + "/" (all of them for ""), in path order:
+        a range of the sorted paths (sorted once), not a scan."""
+        if self._sorted is None:
+            self._sorted = sorted(self.entries)
+        paths = self._sorted
         head = prefix + "/" if prefix else ""
-        for p in sorted(self.entries):
-            if p.startswith(head):
-                yield self.entries[p]
+        i = bisect.bisect_left(paths, head)
+        while i < len(paths) and paths[i].startswith(head):
+            yield self.entries[paths[i]]
+            i += 1
 
     def to_manifest_json(self) -> dict[str, Any]:
         """The W&B `wandb_manifest.json` v1 layout, loadable by W&B SDK 0.31.
@@ -122,6 +126,7 @@ class Manifest:
         what it points at (a file's content, or a directory's files below the link's path).
         """
         contents: dict[str, Any] = {}
+        expanded = 0
         for path in sorted(self.entries):
             e = self.entries[path]
             if e.kind == FILE:
@@ -129,6 +134,13 @@ class Manifest:
             elif e.kind == SYMLINK:
                 for sub, target in self._link_contents(e, set()):
                     contents[sub] = _wandb_entry(target)
+                    expanded += 1
+                    if expanded > MAX_LINK_EXPANSION:
+                        # Links to directories holding links can multiply without end in W&B's
+                        # link-less form: refuse rather than run out of memory.
+                        raise ArtifactFSError(f"the W&B export of this version would copy more than "
+                                              f"{MAX_LINK_EXPANSION:,} entries through its symlinks to "
+                                              "directories; W&B has no symlinks to keep them as")
         return {
             "version": 1,
             "storagePolicy": WANDB_STORAGE_POLICY,

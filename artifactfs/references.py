@@ -52,11 +52,13 @@ def holds_digest(fd: int, digest: str, fp: Fingerprint) -> bool:
     return hash_fd(fd).digest == digest and fingerprint(os.fstat(fd)) == fp
 
 
-def open_checked_ref(local: str, digest: str, good: Fingerprint | None) -> int | None:
-    """A descriptor of the referenced file when it still holds the logged content, else None.
+def open_checked_ref(local: str, digest: str, good: Fingerprint | None) -> tuple[int, Fingerprint] | None:
+    """A descriptor of the referenced file at offset 0, with the fingerprint it was found good
+    at, when it still holds the logged content; else None.
 
     An unchanged fingerprint is trusted; any other is re-hashed (the API's path; the mount adds
-    its own memory of good and bad states on top of the same two checks)."""
+    its own memory of good and bad states on top of the same two checks). Readers compare the
+    fingerprint again as they read: a file rewritten while open must not hand out other bytes."""
     try:
         fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -64,7 +66,8 @@ def open_checked_ref(local: str, digest: str, good: Fingerprint | None) -> int |
     try:
         fp = fingerprint(os.fstat(fd))
         if fp == good or holds_digest(fd, digest, fp):
-            return fd
+            os.lseek(fd, 0, os.SEEK_SET)  # the re-hash read it to the end
+            return fd, fp
     except BaseException:
         os.close(fd)
         raise
@@ -227,8 +230,9 @@ def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
                 "nothing was logged")
         prefix = ref.name.rstrip("/") if ref.name else None
         out = []
+        memo: dict[str, EntryRow | None] = {}
         for r in rows:
-            kept = _link_under(catalog, vrow.id, r, ref.path) if r.kind == SYMLINK else r
+            kept = _link_under(catalog, vrow.id, r, ref.path, memo) if r.kind == SYMLINK else r
             if kept is not None:
                 out.append((names.join_entry(prefix, r.path[len(ref.path):]), kept))
         return out
@@ -245,12 +249,12 @@ def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
     return [(entry, row)]
 
 
-def _catalog_lookup(catalog: Catalog, vid: int) -> Lookup:
+def catalog_lookup(catalog: Catalog, vid: int) -> Lookup:
     """What a path of a logged version is, asked of the catalog (for the few symlinks resolved)."""
     def lookup(p: str) -> tuple[Kind, str | None] | None:
         e = catalog.entry(vid, p)
         if e is not None:
-            return e.kind, e.target  # type: ignore[return-value]
+            return e.kind, e.target  # type: ignore[return-value]  # kind is checked by fsck
         return (DIRECTORY, None) if p == "" or catalog.entries_under(vid, p + "/", limit=1) else None
 
     return lookup
@@ -260,22 +264,42 @@ def _followed_file(catalog: Catalog, vid: int, row: EntryRow) -> EntryRow | None
     """The file row a symlink row leads to inside its version, or None."""
     if row.kind != SYMLINK or row.target is None:
         return None
-    where = resolve_link(row.path, row.target, _catalog_lookup(catalog, vid))
+    where = resolve_link(row.path, row.target, catalog_lookup(catalog, vid))
     t = catalog.entry(vid, where) if isinstance(where, str) else None
     return t if t is not None and t.kind == FILE else None
 
 
-def _link_under(catalog: Catalog, vid: int, row: EntryRow, prefix: str) -> EntryRow | None:
-    """A symlink row copied with a directory prefix: kept when what it leads to is copied too
-    (and its target does not climb above the prefix), else the file it leads to, else None."""
+def _link_under(catalog: Catalog, vid: int, row: EntryRow, prefix: str,
+                memo: dict[str, EntryRow | None]) -> EntryRow | None:
+    """A symlink row copied with a directory prefix: kept when what it leads to and every link
+    it passes through are copied too (and its target does not climb above the prefix), else
+    the file it leads to, else None."""
+    if row.path in memo:
+        return memo[row.path]
+    memo[row.path] = None  # a cycle of links through each other is not kept
     assert row.target is not None
     base = prefix.rstrip("/")
-    where = resolve_link(row.path, row.target, _catalog_lookup(catalog, vid))
-    if isinstance(where, str) and (not base or where == base or where.startswith(base + "/")):
+
+    def copied(p: str) -> bool:
+        return not base or p == base or p.startswith(base + "/")
+
+    passed: list[str] = []
+    where = resolve_link(row.path, row.target, catalog_lookup(catalog, vid), passed.append)
+    keep = isinstance(where, str) and copied(where) and all(copied(p) for p in passed)
+    if keep:
         try:
             check_link_target(row.path[len(prefix):], row.target)
-            return row
         except InvalidName:
-            pass  # it reaches its target by way of a parent that is not copied
-    t = _followed_file(catalog, vid, row)
-    return None if t is None else t._replace(path=row.path)
+            keep = False  # it reaches its target by way of a parent that is not copied
+    for p in passed if keep else ():
+        via = catalog.entry(vid, p)
+        if via is None or _link_under(catalog, vid, via, prefix, memo) is not via:
+            keep = False  # a link on the way is not copied as a link
+            break
+    if keep:
+        out: EntryRow | None = row
+    else:
+        t = _followed_file(catalog, vid, row)
+        out = None if t is None else t._replace(path=row.path)
+    memo[row.path] = out
+    return out

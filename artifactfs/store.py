@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -16,13 +17,14 @@ from typing import Any, Iterable
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, Symlink
 from .blobstore import BlobStore, Count, Digest, copy_fd, hash_file, is_oid, reflink
-from .catalog import Catalog, EntryRow, VersionRow
+from .catalog import Catalog, EntryRow, VersionId, VersionRow
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
 from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
-from .references import FINGERPRINT_FIELDS, FileRef, Tracked, local_path_of, logged_fingerprint, open_checked_ref, resolve_artifact_ref
-from .tree import DIRECTORY, FILE, SYMLINK, check_link_target
+from .references import (FINGERPRINT_FIELDS, FileRef, Fingerprint, Tracked, fingerprint, local_path_of,
+                         logged_fingerprint, open_checked_ref, resolve_artifact_ref)
+from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
 
@@ -118,12 +120,20 @@ class Store:
             aliases = [aliases]
         alias_list = list(dict.fromkeys(names.check_alias(a) for a in aliases))
 
+        with Lease(self.leases_dir) as lease:  # before anything names a blob: gc must leave it be
+            vid = self._log(artifact, alias_list, lease, progress)
+        return self.artifact_by_id(vid)
+
+    def _log(self, artifact: Artifact, alias_list: list[str], lease: Lease, progress: Progress | None) -> VersionId:
+        """The body of log_artifact, holding `lease`; the id of the version logged or returned."""
         entries: dict[str, EntryRow] = {}
         # artifact:// first: they fail fast when a target is missing, before any copying.
         for pref in artifact._artifact_refs:
             for path, row in resolve_artifact_ref(pref, self.catalog, self._find):
                 if path in entries or path in artifact._pending:
                     raise InvalidName(f"entry {path!r} was added twice to artifact {artifact.name!r}")
+                if row.blob is not None:
+                    lease.hold(row.blob)  # another version's blob: its version may be deleted meanwhile
                 entries[path] = row._replace(path=path, extra={**row.extra, "source": pref.uri})
 
         implied = _check_tree_shape([*entries, *(p for p, _ in artifact._items())],
@@ -149,61 +159,61 @@ class Store:
                                          None, None, {}, SYMLINK, False, item.target)
             elif path not in implied:  # an empty directory (one with entries below it is implied)
                 entries[path] = EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
-        with Lease(self.leases_dir) as lease:
-            try:
-                hashed = ingest(jobs, self.blobs, self.catalog, lease=lease, progress=progress)
-            except FileNotFoundError as e:
-                if e.filename in {j.src for j in jobs}:
-                    raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
-                raise
-            for (path, item), h in zip(job_paths, hashed):
-                if path in expect:  # an import: the content must be what W&B recorded
-                    alg, want = expect[path]
-                    got = h.md5 if alg == "md5" else h.xxh128
-                    if got != want:
-                        raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {alg.upper()} digest "
-                                             f"{want} (it is {got}); nothing was logged")
-                if isinstance(item, LocalFile):
-                    entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
-                                             item.executable)
-                else:
-                    extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key))}
-                    if h.md5 is not None:
-                        extra["md5"] = h.md5
-                    entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
-            for path, more in artifact._extra.items():  # what an import keeps of W&B's entries
-                entries[path] = entries[path]._replace(extra={**entries[path].extra, **more})
-            digest = manifest_digest(entries.values())
-            # A re-log must leave the version whole: a blob of it that went missing or lost
-            # bytes is written again from its source (a stat per blob).
-            self._restore_blobs(job_paths, hashed, lease)
-            if digest != self.catalog.latest_digest(artifact.name):
-                # Blobs of stat-cache hits are synced with the rest (they may come from a writer
-                # that died before its sync); an unchanged re-log syncs nothing: they are the
-                # latest version's.
-                self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed) if h.cached and j.store)
-            cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
-            try:
-                self.blobs.sync()  # every blob durable before the transaction that names it commits
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
-                raise
-            now = time.time()
-            cat = self.catalog
-            with cat.transaction():
-                art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
-                latest = cat.latest_of(art_id)
-                if latest is not None and latest[1] == digest:
-                    vid = latest[0]
-                    cat.move_aliases(art_id, vid, alias_list)
-                else:
-                    self._ensure_blobs(entries, job_paths, lease)
-                    vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata,
-                                             now, list(entries.values()))
-                    cat.move_aliases(art_id, vid, ["latest", *alias_list])
-                cat.store_stat_cache(cache_rows)
-        return self.artifact_by_id(vid)
+        _check_links(entries, [p for p, _ in job_paths])
+        try:
+            hashed = ingest(jobs, self.blobs, self.catalog, lease=lease, progress=progress)
+        except FileNotFoundError as e:
+            if e.filename in {j.src for j in jobs}:
+                raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
+            raise
+        for (path, item), h in zip(job_paths, hashed):
+            if path in expect:  # an import: the content must be what W&B recorded
+                alg, want = expect[path]
+                got = h.md5 if alg == "md5" else h.xxh128
+                if got != want:
+                    raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {alg.upper()} digest "
+                                         f"{want} (it is {got}); nothing was logged")
+            if isinstance(item, LocalFile):
+                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
+                                         item.executable)
+            else:
+                extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key))}
+                if h.md5 is not None:
+                    extra["md5"] = h.md5
+                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
+        for path, more in artifact._extra.items():  # what an import keeps of W&B's entries
+            entries[path] = entries[path]._replace(extra={**entries[path].extra, **more})
+        digest = manifest_digest(entries.values())
+        # A re-log must leave the version whole: a blob of it that went missing or lost
+        # bytes is written again from its source (a stat per blob).
+        self._restore_blobs(job_paths, hashed, lease)
+        if digest != self.catalog.latest_digest(artifact.name):
+            # Blobs of stat-cache hits are synced with the rest (they may come from a writer
+            # that died before its sync); an unchanged re-log syncs nothing: they are the
+            # latest version's.
+            self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed) if h.cached and j.store)
+        cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
+        try:
+            self.blobs.sync()  # every blob durable before the transaction that names it commits
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
+            raise
+        now = time.time()
+        cat = self.catalog
+        with cat.transaction():
+            art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
+            latest = cat.latest_of(art_id)
+            if latest is not None and latest[1] == digest:
+                vid = latest[0]
+                cat.move_aliases(art_id, vid, alias_list)
+            else:
+                self._ensure_blobs(entries, job_paths, lease)
+                vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata,
+                                         now, list(entries.values()))
+                cat.move_aliases(art_id, vid, ["latest", *alias_list])
+            cat.store_stat_cache(cache_rows)
+        return vid
 
     def import_wandb(self, name: str, manifest: str | os.PathLike[str] | dict[str, Any],
                      root: str | os.PathLike[str] | None = None, *, type: str = "dataset",
@@ -228,15 +238,22 @@ class Store:
         return self.log_artifact(art, aliases=aliases, progress=progress)
 
     def _restore_blobs(self, job_paths: list[tuple[str, Any]], hashed: list[Hashed], lease: Lease) -> None:
-        """Write again, from the source just logged, every blob that is missing or has the
-        wrong size (a corrupt blob of the right size is fsck's to find: `fsck --repair`
-        quarantines it, and the next log restores it here)."""
+        """Write again, from the source just logged, every blob that is missing, has the wrong
+        size, or was found corrupt (fsck, verify and --verify-reads note those: a stat cannot
+        see a corrupt blob of the right size, and a re-log reads nothing the stat cache vouches
+        for)."""
+        suspects = self.blobs.suspects()
+        restored: set[str] = set()
         for (path, item), h in zip(job_paths, hashed):
             if not isinstance(item, LocalFile):
                 continue
             size = self.blobs.size_of(h.digest)
-            if size != h.size:
+            if size != h.size or h.digest in suspects:
                 self.blobs.put_file(item.src, expect=Digest(h.digest), lease=lease, replace=size is not None)
+                restored.add(h.digest)
+        if restored & suspects:
+            self.blobs.sync()  # durable before the note that it was corrupt goes
+            self.blobs.clear_suspects(restored & suspects)
 
     def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]], lease: Lease) -> None:
         """Inside the log's transaction: every blob it names must exist (gc may have taken one
@@ -404,6 +421,24 @@ class Store:
         return None
 
 
+def _check_links(entries: dict[str, EntryRow], files: list[str]) -> None:
+    """Refuse a version whose symlinks, put together with every other entry of it, lead
+    outside it or loop (each was checked against the tree it came from; two adds can combine
+    into one that climbs out)."""
+    links = [e for e in entries.values() if e.kind == SYMLINK]
+    if not links:
+        return
+    table: dict[str, tuple[Kind, str | None]] = {p: (FILE, None) for p in files}
+    table.update((p, (e.kind, e.target)) for p, e in entries.items())  # type: ignore[misc]
+    lookup = table_lookup(table)
+    for e in links:
+        assert e.target is not None
+        problem = link_problem(e.path, e.target, lookup)
+        if problem is not None:
+            raise InvalidName(f"symlink {e.path!r} -> {e.target!r} {problem} once the version's entries are put "
+                              "together; nothing was logged")
+
+
 def _store_dir(root: str, create: bool) -> str:
     """`root`, made when missing and `create`; an ArtifactFSError that says what is wrong otherwise."""
     try:
@@ -509,9 +544,14 @@ class ArtifactVersion:
         """The object stored with `Artifact.add(obj, name)`."""
         path = names.check_entry_path(name)
         e = self.get_path(path if path.endswith(".json") else path + ".json")
-        fd = self._open_verified(self._followed(e))
+        target = self._followed(e)
+        fd, fp = self._open_verified(target)
         with os.fdopen(fd, "rb") as f:
-            return json.loads(f.read())
+            data = f.read()
+            if fp is not None and fingerprint(os.fstat(fd)) != fp:
+                raise DigestMismatch(f"{self.qualified_name}/{target.path}: the referenced file changed while "
+                                     "it was read")
+        return json.loads(data)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -534,8 +574,10 @@ class ArtifactVersion:
                            "of this version")
         return t
 
-    def _open_verified(self, e: ManifestEntry) -> int:
-        """A descriptor holding exactly the logged bytes of the file entry `e`.
+    def _open_verified(self, e: ManifestEntry) -> tuple[int, Fingerprint | None]:
+        """A descriptor holding exactly the logged bytes of the file entry `e`, and for a
+        checksummed reference served in place the fingerprint a reader must find unchanged
+        after reading (None when the bytes cannot change: a blob).
 
         A checksummed reference is served from the referenced file while it holds the logged
         content (the same fingerprint and re-hash checks as the mount), else from a blob of the
@@ -546,7 +588,7 @@ class ArtifactVersion:
             raise ArtifactFSError(f"{self.qualified_name}/{e.path} is a {e.kind}, not a file")
         if e.blob is not None:
             try:
-                return os.open(blobs.path(e.blob), os.O_RDONLY | os.O_CLOEXEC)
+                return os.open(blobs.path(e.blob), os.O_RDONLY | os.O_CLOEXEC), None
             except FileNotFoundError:
                 raise ArtifactFSError(f"{self.qualified_name}/{e.path}: blob {e.blob} is missing from the store; "
                                       "run `artifactfs fsck`") from None
@@ -554,12 +596,12 @@ class ArtifactVersion:
         if local is None:
             raise ArtifactFSError(f"entry {e.path!r} is a tracked reference ({e.ref}); its bytes are not here")
         if not e.is_checked_content:
-            return os.open(local, os.O_RDONLY | os.O_CLOEXEC)  # served as it is now, by design
-        fd = open_checked_ref(local, e.digest, logged_fingerprint(e.extra))
-        if fd is not None:
-            return fd
+            return os.open(local, os.O_RDONLY | os.O_CLOEXEC), None  # served as it is now, by design
+        got = open_checked_ref(local, e.digest, logged_fingerprint(e.extra))
+        if got is not None:
+            return got
         if is_oid(e.digest) and blobs.has(e.digest):
-            return os.open(blobs.path(e.digest), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(blobs.path(e.digest), os.O_RDONLY | os.O_CLOEXEC), None
         raise DigestMismatch(f"{self.qualified_name}/{e.path}: referenced file {local} changed since it was logged")
 
     def _download_entry(self, e: ManifestEntry, root: str | None) -> str:
@@ -594,13 +636,17 @@ class ArtifactVersion:
             return
         if e.kind == SYMLINK:
             assert e.target is not None
-            _replace_with_symlink(check_link_target(e.path, e.target), dest)
+            problem = link_problem(e.path, check_link_target(e.path, e.target), self.manifest.lookup)
+            if problem is not None:  # only a damaged or forged catalog holds one
+                raise ArtifactFSError(f"{self.qualified_name}/{e.path}: the symlink {problem}; not written "
+                                      "(run `artifactfs fsck`)")
+            _replace_with_symlink(e.target, dest)
             return
         if e.is_tracked:
             target = local_path_of(e.ref or "") or e.ref or ""
             _replace_with_symlink(target, dest)
             return
-        fd = self._open_verified(e)
+        fd, _fp = self._open_verified(e)  # a reference's copy is re-hashed below
         try:
             # A reference may change while it is copied: the copy is checked (a blob never changes).
             check = e.digest if e.is_checked_content and e.blob is None else None
@@ -647,9 +693,9 @@ class ArtifactVersion:
     def verify(self, root: str | None = None, progress: Progress | None = None) -> None:
         """Raise DigestMismatch if any file differs from its digest. Progress is in bytes.
 
-        With a root: the tree there must be exactly this version's (files, symlinks and their
-        targets, empty directories). Without: re-hash the store's blobs of this version and
-        its checksummed references.
+        With a root: the tree there must be exactly this version's: its files (regular files,
+        with their executable bits), symlinks and their targets, empty directories, and nothing
+        else. Without: re-hash the store's blobs of this version and its checksummed references.
         """
         bad: list[str] = []
         files = self.files()
@@ -657,9 +703,11 @@ class ArtifactVersion:
         if root is not None:
             root = os.path.abspath(root)
             for dirpath, dirnames, filenames in os.walk(root):
-                for fn in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
-                    rel = _rel(os.path.join(dirpath, fn), root)
-                    if rel not in entries:
+                for fn in [*filenames, *dirnames]:
+                    full = os.path.join(dirpath, fn)
+                    rel = _rel(full, root)
+                    is_dir = fn in dirnames and not os.path.islink(full)
+                    if rel not in entries and not (is_dir and self.manifest.lookup(rel) is not None):
                         bad.append(f"{rel}: not in {self.qualified_name}")
         meter = Meter(progress, sum(e.size or 0 for e in files if e.is_checked_content))
         for e in files:
@@ -674,6 +722,16 @@ class ArtifactVersion:
                 continue
             if root is not None:
                 path = os.path.join(root, e.path)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    bad.append(f"{e.path}: missing")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    bad.append(f"{e.path}: not a regular file")
+                    continue
+                if bool(st.st_mode & 0o111) != e.executable:
+                    bad.append(f"{e.path}: its executable bit differs")
             elif e.blob is not None:
                 path = self._store.blobs.path(e.blob)
             elif e.is_checked_content:
@@ -691,6 +749,8 @@ class ArtifactVersion:
                 continue
             if got != e.digest:
                 bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")
+                if root is None and e.blob is not None:
+                    self._store.blobs.mark_suspect(e.blob)
         meter.finish()
         if bad:
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -741,12 +801,18 @@ def _replace_with_dir(dest: str) -> None:
 
 
 def _replace_with_symlink(target: str, dest: str) -> None:
-    tmp = f"{dest}.artifactfs-{os.getpid()}.tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
+    # A short name of its own (an entry's name may be 255 bytes; threads may share a directory).
+    tmp = os.path.join(os.path.dirname(dest), f".artifactfs-{os.getpid()}-{next(_link_counter)}.tmp")
     os.symlink(target, tmp)
-    _clear_dir(dest)
-    os.replace(tmp, dest)
+    try:
+        _clear_dir(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+_link_counter = itertools.count()
 
 
 def _copy_readonly(fd_in: int, dest: str, *, mode: int = 0o444, expect: str | None = None,
@@ -757,7 +823,7 @@ def _copy_readonly(fd_in: int, dest: str, *, mode: int = 0o444, expect: str | No
     fd_out, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".artifactfs-", suffix=".tmp")
     try:
         try:
-            if reflink(fd_in, fd_out):
+            if reflink(fd_in, fd_out) == 0:
                 if count is not None:
                     count(os.fstat(fd_out).st_size)
             else:

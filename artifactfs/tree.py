@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Literal, NamedTuple
 from .errors import ArtifactFSError, InvalidName
 
 __all__ = ["FILE", "SYMLINK", "DIRECTORY", "Kind", "Found", "walk_tree", "resolve_link", "Outcome",
-           "MAX_LINK_HOPS", "check_link_target"]
+           "MAX_LINK_HOPS", "check_link_target", "link_problem", "Lookup", "table_lookup"]
 
 Kind = Literal["file", "symlink", "directory"]
 FILE: Kind = "file"
@@ -97,8 +97,32 @@ def resolve_link(link_path: str, target: str, lookup: Lookup,
             parts.pop()
             pending.extend(reversed(link_target.split("/")))
         elif kind == FILE and pending:
-            missing = True  # "file/x" names nothing
+            # "file/x", "file/", "file/." and "file/.." are ENOTDIR: a dangling link. Its
+            # result names nothing (no entry path ends in "/").
+            return "/".join(parts) + "/"
     return "/".join(parts)
+
+
+def table_lookup(table: dict[str, tuple[Kind, str | None]]) -> Lookup:
+    """A Lookup over a version's entries (path -> (kind, symlink target)); the directories
+    implied by the entries' paths are worked out on first use."""
+    dirs: set[str] | None = None
+
+    def lookup(p: str) -> tuple[Kind, str | None] | None:
+        nonlocal dirs
+        got = table.get(p)
+        if got is not None:
+            return got
+        if dirs is None:
+            dirs = {""}
+            for q in table:
+                i = q.find("/")
+                while i >= 0:
+                    dirs.add(q[:i])
+                    i = q.find("/", i + 1)
+        return (DIRECTORY, None) if p in dirs else None
+
+    return lookup
 
 
 def check_link_target(path: str, target: object) -> str:
@@ -209,8 +233,7 @@ def _classify_link(rel: str, path: str, lookup: Lookup) -> Found | None:
     except OSError:
         return None
     _decode(target, "symlink target")
-    where = resolve_link(rel, target, lookup)
-    if isinstance(where, str) and not _is_ancestor(where, rel) and len(target.encode()) <= MAX_TARGET_BYTES:
+    if link_problem(rel, target, lookup) is None:
         return Found(rel, SYMLINK, path, target=target)
     # Outside, absolute or a loop: `cp -L` (a regular file's content; anything else skipped).
     try:
@@ -222,11 +245,19 @@ def _classify_link(rel: str, path: str, lookup: Lookup) -> Found | None:
     return None
 
 
-def _is_ancestor(where: str, rel: str) -> bool:
-    """True when `where` is a directory holding the link `rel` (the root, ".", "..", ...): a
-    loop, which following the link while walking the tree would go round forever."""
-    parent = rel.rpartition("/")[0]
-    return where == "" or parent == where or parent.startswith(where + "/")
+def link_problem(path: str, target: str, lookup: Lookup, visit: Callable[[str], None] | None = None) -> str | None:
+    """Why the symlink `path` -> `target` may not be kept as a link of its tree, or None: it is
+    absolute, leads outside, loops, or points at a directory holding it (following it while
+    walking would go round forever). The one rule for the walk, the log, downloads and fsck."""
+    where = resolve_link(path, target, lookup, visit)
+    if isinstance(where, Outcome):
+        return where.value
+    parent = path.rpartition("/")[0]
+    if where == "" or parent == where or parent.startswith(where + "/"):
+        return "points at a directory holding it (a loop)"
+    if len(target.encode("utf-8", "surrogateescape")) > MAX_TARGET_BYTES:
+        return f"has a target longer than {MAX_TARGET_BYTES} bytes"
+    return None
 
 
 def _executable(mode: int) -> bool:

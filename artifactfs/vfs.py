@@ -866,6 +866,7 @@ class VFS:
                 if got != oid:
                     log.error("%s: blob %s is corrupt (content hashes to %s); refusing it (EIO)",
                               self.entry_label(n), oid, got)
+                    self.blobs.mark_suspect(oid)  # the next log of its source writes it again
                     raise OSError(errno.EIO, "corrupt blob")
                 self._verified_blobs.add(oid)
             except BaseException:

@@ -20,12 +20,13 @@ from typing import Any
 from . import names
 from .artifact import Artifact
 from .errors import ArtifactFSError, InvalidName, NotFound
-from .manifest import WANDB_STORAGE_POLICY, md5_string_b64
+from .manifest import INTERNAL_EXTRA, WANDB_STORAGE_POLICY, md5_string_b64
 
 __all__ = ["wandb_cache_dir", "cache_path", "draft_from_wandb", "load_manifest"]
 
-# Keys of a W&B entry's extra that describe its digest (ours or W&B's), not the user's data.
-_DIGEST_EXTRA = ("alg", "blake3")
+# Keys of a W&B entry's extra that are not the user's data: its digest's (ours or W&B's), and
+# ours, which a manifest must not set (a forged fingerprint would be trusted).
+_NOT_USER_EXTRA = frozenset({"alg", "blake3"}) | INTERNAL_EXTRA
 
 
 def wandb_cache_dir() -> str:
@@ -77,7 +78,7 @@ def draft_from_wandb(name: str, manifest: dict[str, Any], root: str | None, *, t
         if not isinstance(extra, dict) or (ref is not None and not isinstance(ref, str)):
             raise InvalidName(f"W&B manifest entry {path!r} is malformed")
         alg = "xxh128" if extra.get("alg") == "XXH128" else "md5"
-        user = {k: v for k, v in extra.items() if k not in _DIGEST_EXTRA}
+        user = {k: v for k, v in extra.items() if k not in _NOT_USER_EXTRA}
         if ref is None:
             src = os.path.join(root, path) if root is not None else cache_path(cache or "", alg, digest)
             if not os.path.isfile(src):

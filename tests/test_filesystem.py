@@ -99,3 +99,35 @@ def test_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ArtifactFSError, match="no store at"):
         fsspec.filesystem("artifactfs", root=str(tmp_path / "nowhere"), skip_instance_cache=True)
+
+
+def test_a_reference_whose_stat_changed_but_not_its_bytes_reads_whole(store: Store, tmp_path: Path) -> None:
+    """A changed fingerprint means a re-hash; the reader must then start at the first byte."""
+    src = tmp_path / "ref.bin"
+    data = os.urandom(100_000)
+    src.write_bytes(data)
+    art = Artifact("r", type="dataset")
+    art.add_reference(f"file://{src}")
+    store.log_artifact(art)
+    os.chmod(src, 0o600)  # a new ctime, the same bytes
+    fs = ArtifactFileSystem(root=store.root, skip_instance_cache=True)
+    with fs.open("r/ref.bin") as f:
+        assert f.read() == data
+    assert fs.cat_file("r/ref.bin", start=10, end=20) == data[10:20]
+
+
+def test_a_reference_rewritten_while_open_fails_to_read_rather_than_hand_out_other_bytes(
+        store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "ref.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    art = Artifact("r", type="dataset")
+    art.add_reference(f"file://{src}")
+    store.log_artifact(art)
+    fs = ArtifactFileSystem(root=store.root, skip_instance_cache=True)
+    with fs.open("r/ref.bin") as f:
+        f.read(10)
+        with open(src, "r+b") as w:  # the same inode, other bytes
+            w.write(b"\0" * (1 << 20))
+        with pytest.raises(OSError) as e:
+            f.read()
+        assert e.value.errno == errno.EIO

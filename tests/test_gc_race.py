@@ -129,20 +129,46 @@ def test_gc_during_a_blob_write_does_not_fail_the_log(
     v.verify()
 
 
-def test_artifact_reference_whose_target_is_collected_mid_log_is_refused(
+def test_an_artifact_reference_holds_its_targets_blobs_while_the_log_runs(
         store: Store, open_store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target version is deleted and collected mid-log: the log's lease holds the blobs it
+    named, so the new version is whole."""
     base = Artifact("base", type="dataset")
     with base.new_file("x.txt") as f:
         f.write("only in base:v0\n")
     store.log_artifact(base)
     other = open_store(store.root)
-    gc_at_first_sync(store, other, monkeypatch, also=lambda: other.delete("base:v0"))
+    reports = gc_at_first_sync(store, other, monkeypatch, also=lambda: other.delete("base:v0"))
     art = Artifact("derived", type="dataset")
     art.add_reference("artifact://base:v0/x.txt")
-    with pytest.raises(ArtifactFSError):
+    with art.new_file("own.txt") as f:
+        f.write("the log's own file\n")
+    v = store.log_artifact(art)
+    assert reports[0].blobs_freed == 0 and "base" not in store.artifacts()
+    v.verify()
+    assert store.fsck().ok
+
+
+def test_an_artifact_reference_whose_blob_vanished_before_the_commit_is_refused(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob the log cannot write again (it has no source of it) and that is gone: refused."""
+    base = Artifact("base", type="dataset")
+    with base.new_file("x.txt") as f:
+        f.write("only in base:v0\n")
+    oid = store.log_artifact(base).get_path("x.txt").blob or ""
+    orig = store.blobs.sync
+
+    def sync_then_lose_it() -> None:
+        orig()
+        if store.blobs.has(oid):
+            store.blobs.remove(oid)  # the one window a lease leaves, forced
+
+    monkeypatch.setattr(store.blobs, "sync", sync_then_lose_it)
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://base:v0/x.txt")
+    with pytest.raises(ArtifactFSError, match="missing from the store"):
         store.log_artifact(art)
     assert "derived" not in store.artifacts()
-    assert store.fsck().ok
 
 
 # -- several processes ---------------------------------------------------------------------------

@@ -280,3 +280,106 @@ def test_an_artifact_reference_to_a_link_to_a_directory_is_refused(store: Store,
     with pytest.raises(ArtifactFSError, match="trailing '/'"):
         store.log_artifact(art)
     assert "derived" not in store.artifacts()
+
+
+def test_two_adds_that_combine_into_a_link_out_of_the_version_are_refused(store: Store, tmp_path: Path) -> None:
+    """Each add checks its own tree; put together, a link that dangled inside can climb out."""
+    from artifactfs import InvalidName
+
+    one = tmp_path / "one"
+    (one / "a" / "b").mkdir(parents=True)
+    os.symlink("m/../../../secret", one / "a" / "b" / "l")  # dangling in its own tree: kept
+    two = tmp_path / "two"
+    (two / "b").mkdir(parents=True)
+    (two / "c").mkdir()
+    (two / "c" / "f").write_text("f\n")
+    os.symlink("../c", two / "b" / "m")
+    art = Artifact("x", type="dataset")
+    art.add_dir(one)
+    art.add_dir(two, name="a")
+    with pytest.raises(InvalidName, match="a/b/l.*outside"):
+        store.log_artifact(art)
+    assert store.artifacts() == []
+
+
+def test_a_prefix_reference_does_not_keep_a_link_that_passes_through_one_left_behind(
+        store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "p").mkdir(parents=True)
+    (src / "q").mkdir()
+    (src / "p" / "x").write_text("X\n")
+    os.symlink("../q", src / "p" / "d")           # leads out of p/: not copied as a link
+    os.symlink("d/../p/x", src / "p" / "l")       # reaches p/x by way of d
+    log_tree(store, src, "src")
+    art = Artifact("derived", type="dataset")
+    art.add_reference("artifact://src:v0/p/", name="n")
+    m = store.log_artifact(art).manifest.entries
+    assert m["n/l"].kind == "file" and m["n/l"].digest == m["n/x"].digest  # followed, as cp -L
+    assert "n/d" not in m  # a link out to a directory: skipped
+
+
+def test_a_link_through_a_file_dangles_everywhere(store: Store, tmp_path: Path) -> None:
+    """"f/" is ENOTDIR to the kernel: no reader may serve f's bytes for it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f\n")
+    os.symlink("f/", src / "slash")
+    os.symlink("f/..", src / "dotdot")
+    v = log_tree(store, src)
+    m = v.manifest
+    for link in ("slash", "dotdot"):
+        assert m.entries[link].kind == "symlink"
+        assert m.resolve(link, m.entries[link].target or "") not in m.entries
+    assert "slash" not in m.to_manifest_json()["contents"]
+
+
+def test_a_forged_link_that_escapes_only_through_another_link_is_not_downloaded(
+        store: Store, tmp_path: Path) -> None:
+    """Lexically inside (up/../secret), physically outside (up -> .): download refuses it and
+    fsck names it."""
+    from artifactfs import ArtifactFSError
+    from helpers import log_files
+
+    v = log_files(store, "ds", {"a.txt": b"a"})
+    with store.catalog.transaction() as c:
+        for path, target in (("up", "."), ("evil", "up/../secret")):
+            c.execute("INSERT INTO entries (version_id, path, digest, size, kind, target) VALUES (?, ?, ?, ?, ?, ?)",
+                      (v.id, path, "x", len(target), "symlink", target))
+    v = store.artifact("ds:v0")
+    with pytest.raises(ArtifactFSError, match="evil"):
+        v.download(str(tmp_path / "dl"))
+    assert not (tmp_path / "dl" / "evil").exists()
+    assert {d.kind for d in store.fsck().damage} >= {"bad-link"}
+
+
+def test_verify_of_a_directory_wants_regular_files_exec_bits_and_nothing_more(
+        store: Store, tree: Path, tmp_path: Path) -> None:
+    from artifactfs import DigestMismatch
+
+    v = log_tree(store, tree)
+    for damage in ("link-for-file", "exec-bit", "extra-empty-dir"):
+        out = Path(v.download(str(tmp_path / damage)))
+        if damage == "link-for-file":
+            os.chmod(out / "README.md", 0o644)
+            os.unlink(out / "README.md")
+            os.symlink(tree / "README.md", out / "README.md")  # the right bytes, but a link
+        elif damage == "exec-bit":
+            os.chmod(out / "bin" / "run.sh", 0o444)
+        else:
+            (out / "data" / "new-empty").mkdir()
+        with pytest.raises(DigestMismatch):
+            v.verify(str(out))
+
+
+def test_the_wandb_export_refuses_links_that_multiply_without_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    import artifactfs.manifest as manifest_mod
+    from artifactfs import ArtifactFSError
+    from artifactfs.manifest import Manifest, ManifestEntry
+
+    monkeypatch.setattr(manifest_mod, "MAX_LINK_EXPANSION", 1000)
+    m = Manifest({"d12/f": ManifestEntry("d12/f", "x" * 64, 1, extra={"xxh128": "AAAA"})})
+    for i in range(12):  # each level links twice to the next: 2^12 copies of d12/f
+        for n in "ab":
+            m.entries[f"d{i}/{n}"] = ManifestEntry(f"d{i}/{n}", "y", 5, kind="symlink", target=f"../d{i + 1}")
+    with pytest.raises(ArtifactFSError, match="more than 1,000 entries"):
+        m.to_manifest_json()

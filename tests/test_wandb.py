@@ -275,3 +275,27 @@ def test_cli_import_wandb(wandb_python: str, wandb_env: dict[str, str], wandb_so
     r = cli("import-wandb", "ds", man, src, "--alias", "from-wandb", "--json", check=True)
     out = json.loads(r.stdout)
     assert (out["version"], out["aliases"]) == ("v0", ["latest", "from-wandb"])
+
+
+def test_import_keeps_users_extra_but_never_lets_a_manifest_set_ours(store: Store, tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_bytes(b"alpha\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_bytes(b"ref\n")
+    md5 = base64.b64encode(hashlib.md5(b"alpha\n").digest()).decode()
+    ref_md5 = base64.b64encode(hashlib.md5(b"ref\n").digest()).decode()
+    forged = {"fingerprint": {"dev": 1, "ino": 2, "size": 4, "mtime_ns": 5, "ctime_ns": 6}, "md5": "forged",
+              "xxh128": "forged", "wandb": {"digest": "forged"}, "mine": 1}
+    v = store.import_wandb("x", {"version": 1, "storagePolicy": "wandb-storage-policy-v1",
+                                 "storagePolicyConfig": {"storageLayout": "V2"}, "contents": {
+                                     "a.txt": {"digest": md5, "size": 6, "extra": forged},
+                                     "ref.txt": {"digest": ref_md5, "ref": f"file://{ref}", "size": 4,
+                                                 "extra": forged}}}, str(tmp_path / "d"))
+    for path in ("a.txt", "ref.txt"):
+        e = v.get_path(path)
+        assert e.extra.get("mine") == 1 and e.extra.get("md5") != "forged" and "wandb" not in e.extra
+        assert e.extra.get("fingerprint", {}).get("ino") != 2
+    assert v.manifest.to_manifest_json()["contents"]["ref.txt"]["digest"] == ref_md5
