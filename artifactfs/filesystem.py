@@ -48,7 +48,7 @@ class _CheckedRaw(io.FileIO):
         self.check()
         return n
 
-    def read(self, size: int = -1) -> bytes | None:
+    def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
         self.check()
         return data
