@@ -301,7 +301,9 @@ class Catalog:
         try:
             cur = self.conn.execute(f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? ORDER BY path", (vid,))
             for r in cur:
-                yield _entry_row(r)
+                # _entry_row inline: a mount builds its trees from this loop (a call per row showed).
+                yield EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], {} if r[6] == "{}" else _extra(r[0], r[6]),
+                               r[7], r[8] == 1, r[9])
         except sqlite3.Error as e:
             raise _map_error(e, self.path) from e
 

@@ -636,6 +636,9 @@ class VFS:
 
     def _make_node(self, vr: VersionRoot, ino: InodeT, name: bytes, row: EntryRow) -> Node:
         """The node of a file or symlink entry (directory entries are made by the builders)."""
+        if row.blob is not None:  # the common case first: a symlink has no blob
+            # A blob entry's digest is its blob id (fsck's check_blob_rows holds the catalog to it).
+            return (ExecBlobFile if row.executable else BlobFile)(ino, name, vr, row.size or 0, row.blob)
         if row.kind == SYMLINK:
             try:
                 target = _encode(check_link_target(row.path, row.target))
@@ -644,10 +647,6 @@ class VFS:
                 log.warning("%s: %s; its slashes are escaped in the mount", vr.label, e)
                 target = _escape_slashes(str(row.target))
             return Link(ino, name, vr, target, row.digest)
-        if row.blob is not None:
-            # A blob entry's digest is its blob id (fsck's check_blob_rows holds the catalog to it).
-            cls = ExecBlobFile if row.executable else BlobFile
-            return cls(ino, name, vr, row.size or 0, row.blob)
         ref = row.ref or ""
         local = local_path_of(ref)
         if row.digest == ref and row.size is None:
