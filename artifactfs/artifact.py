@@ -14,8 +14,9 @@ import shutil
 import stat
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from . import names
 from .blobstore import hash_file

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import hashlib
 import errno
 import fcntl
+import hashlib
 import itertools
 import os
 import re
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, NewType, Protocol
+from typing import NamedTuple, NewType, Protocol
 
 import blake3
 import xxhash

@@ -9,10 +9,11 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Iterator, NamedTuple, NewType
+from typing import Any, NamedTuple, NewType
 
 from .errors import CatalogDamaged, CatalogError, InvalidName, StoreFull
 
@@ -236,7 +237,8 @@ class Catalog:
 
     def get_row(self, sql: str, params: Iterable[Any] = ()) -> tuple[Any, ...] | None:
         try:
-            return self.conn.execute(sql, tuple(params)).fetchone()
+            row: tuple[Any, ...] | None = self.conn.execute(sql, tuple(params)).fetchone()
+            return row
         except sqlite3.Error as e:
             raise _map_error(e, self.path) from e
 
@@ -257,7 +259,8 @@ class Catalog:
 
     def artifact_names(self) -> list[str]:
         return [r[0] for r in self.query(
-            "SELECT a.name FROM artifacts a WHERE EXISTS (SELECT 1 FROM versions v WHERE v.artifact_id = a.id) ORDER BY a.name"
+            "SELECT a.name FROM artifacts a WHERE EXISTS (SELECT 1 FROM versions v WHERE v.artifact_id = a.id) "
+            "ORDER BY a.name"
         )]
 
     _VERSION_COLS = ("v.id, a.name, a.type, v.idx, v.digest, v.description, v.metadata, "

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -513,7 +514,7 @@ class _Daemon:
             watcher.start(vfs.mark_in_doubt)
             vfs.apply_snapshot(store.catalog.snapshot())
             if version is not None:
-                vfs.build(vfs.root)  # type: ignore[arg-type]
+                vfs.build(vfs.root)
             ops = Operations(vfs, debug=self.debug, pin_budget=_raise_fd_limit(),
                              ack=lambda gen: store.ack_mount(self.mountpoint, gen) if self.registered else None)
             options = {"ro", "default_permissions", "fsname=artifactfs", f"subtype={FSTYPE.split('.', 1)[1]}"}

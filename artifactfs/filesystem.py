@@ -171,7 +171,7 @@ class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]
         e = ver.manifest.entries.get(path)
         islink = e is not None and e.kind == SYMLINK
         try:
-            where, target = ver.resolve(path)
+            _where, target = ver.resolve(path)
         except FileNotFoundError:
             assert e is not None
             return {"name": name, "type": "other", "size": 0, "islink": True, "destination": e.target}

@@ -220,7 +220,7 @@ class Fsck:
 
     def check_latest_alias(self) -> None:
         """Every artifact with versions has `latest` on its newest version; aliases name live versions."""
-        for art_id, name, newest, latest in self.cat.query(
+        for _art_id, name, newest, latest in self.cat.query(
                 "SELECT a.id, a.name, (SELECT MAX(idx) FROM versions WHERE artifact_id = a.id), "
                 "(SELECT v.idx FROM aliases x JOIN versions v ON v.id = x.version_id "
                 " WHERE x.artifact_id = a.id AND x.alias = 'latest') FROM artifacts a"):

@@ -23,7 +23,8 @@ import functools
 import itertools
 import logging
 import os
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -54,6 +55,7 @@ SHORT_TIMEOUT = 1.0
 BLKSIZE = 128 * 1024
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def _to_errno(e: BaseException) -> int:
@@ -69,16 +71,17 @@ def _to_errno(e: BaseException) -> int:
     return errno.EIO
 
 
-def _boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _boundary(fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, T]],
+              ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, T]]:
     """The one error-mapping boundary of every handler (STYLE habit 2), plus --debug tracing."""
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> T:
+    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             if self.debug:
                 log.debug("-> %s%r", name, _short_args(args))
-            result = await fn(self, *args)
+            result = await fn(self, *args, **kwargs)
             if self.debug:
                 log.debug("<- %s: %s", name, _short_result(result))
             return result
@@ -96,7 +99,7 @@ def _boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("unexpected error in %s%r; answering EIO", name, _short_args(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]  # functools.wraps' _Wrapped is this callable
 
 
 def _short_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -329,7 +332,8 @@ class Operations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT | pyfuse3.FileInfo:
+    # The patched pyfuse3 (scripts/setup-env) takes a FileInfo from opendir; its stub says a handle.
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT | pyfuse3.FileInfo:  # type: ignore[override]
         await self._built(inode)
         # The listing is taken once per handle: offsets stay valid while the top layer changes.
         listing = self.vfs.listing(inode)
@@ -379,7 +383,8 @@ class Operations(pyfuse3.Operations):
         keep = not (isinstance(node, RefFile) and not node.checked)
         return pyfuse3.FileInfo(fh=h.fd, keep_cache=keep)
 
-    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:
+    # pyfuse3 copies any buffer into its reply; its stub says bytes.
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # The hot path, kept free of the boundary wrapper's overhead; the same mapping inline.
         try:
             h = self._files.get(fh)

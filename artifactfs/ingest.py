@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 from .blobstore import BlobStore, Hashes, Holder, hash_file
 from .catalog import Catalog, StatKey
@@ -95,7 +95,7 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *, lease: Holder
     todo: list[int] = []
     meter = Meter(progress, sum(k[2] for k in keys))
     hits: list[str] = []
-    for i, (j, k) in enumerate(zip(jobs, keys)):
+    for i, (j, k) in enumerate(zip(jobs, keys, strict=True)):
         hit = cache.get(k)
         if hit is not None and not (j.md5 and hit[2] is None):
             results[i] = Hashed(hit[0], hit[1], k[2], k, True, hit[2])
@@ -137,7 +137,7 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *, lease: Holder
                 results[i] = work(i)
         else:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="artifactfs-ingest") as pool:
-                for i, res in zip(todo, pool.map(work, todo)):
+                for i, res in zip(todo, pool.map(work, todo), strict=True):
                     results[i] = res
     meter.finish()
     return [r for r in results if r is not None]

@@ -18,7 +18,7 @@ import fcntl
 import itertools
 import os
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import ArtifactFSError, maybe_full
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import stat
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from . import names
 from .blobstore import hash_fd
@@ -202,7 +203,7 @@ def walk_files(root: str) -> Iterator[tuple[str, str, int]]:
 
 def _parse_artifact(uri: str, name: str | None, max_objects: int) -> PendingArtifactRef:
     rest = uri[len("artifact://"):]
-    spec, sep, path = rest.partition("/")
+    spec, _, path = rest.partition("/")
     names.parse_spec(spec)  # raises InvalidName for a bad spec
     if path and not path.endswith("/"):
         names.check_entry_path(path)
@@ -212,7 +213,7 @@ def _parse_artifact(uri: str, name: str | None, max_objects: int) -> PendingArti
 
 
 def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
-                         find_version: "object") -> list[tuple[str, EntryRow]]:
+                         find_version: object) -> list[tuple[str, EntryRow]]:
     """Resolve to (entry path, target row) pairs; `find_version(spec)` returns a VersionRow.
 
     A symlink of the target version means what it points at there: one named on its own is

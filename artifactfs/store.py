@@ -10,9 +10,10 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, Symlink
@@ -22,8 +23,17 @@ from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, Stor
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
 from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
-from .references import (FINGERPRINT_FIELDS, FileRef, Fingerprint, Tracked, fingerprint, local_path_of,
-                         logged_fingerprint, open_checked_ref, resolve_artifact_ref)
+from .references import (
+    FINGERPRINT_FIELDS,
+    FileRef,
+    Fingerprint,
+    Tracked,
+    fingerprint,
+    local_path_of,
+    logged_fingerprint,
+    open_checked_ref,
+    resolve_artifact_ref,
+)
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
@@ -166,7 +176,7 @@ class Store:
             if e.filename in {j.src for j in jobs}:
                 raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
             raise
-        for (path, item), h in zip(job_paths, hashed):
+        for (path, item), h in zip(job_paths, hashed, strict=True):
             if path in expect:  # an import: the content must be what W&B recorded
                 alg, want = expect[path]
                 got = h.md5 if alg == "md5" else h.xxh128
@@ -177,7 +187,7 @@ class Store:
                 entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
                                          item.executable)
             else:
-                extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key))}
+                extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key, strict=True))}
                 if h.md5 is not None:
                     extra["md5"] = h.md5
                 entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
@@ -191,7 +201,7 @@ class Store:
             # Blobs of stat-cache hits are synced with the rest (they may come from a writer
             # that died before its sync); an unchanged re-log syncs nothing: they are the
             # latest version's.
-            self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed) if h.cached and j.store)
+            self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed, strict=True) if h.cached and j.store)
         cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
         try:
             self.blobs.sync()  # every blob durable before the transaction that names it commits
@@ -244,7 +254,7 @@ class Store:
         for)."""
         suspects = self.blobs.suspects()
         restored: set[str] = set()
-        for (path, item), h in zip(job_paths, hashed):
+        for (_path, item), h in zip(job_paths, hashed, strict=True):
             if not isinstance(item, LocalFile):
                 continue
             size = self.blobs.size_of(h.digest)
@@ -495,7 +505,7 @@ class ArtifactVersion:
         self.digest = row.digest
         self.description = row.description
         self.metadata = row.metadata
-        self.created_at = datetime.fromtimestamp(row.created_at, tz=timezone.utc)
+        self.created_at = datetime.fromtimestamp(row.created_at, tz=UTC)
         self.aliases = store.catalog.aliases_of(row.id)
         self._manifest: Manifest | None = None
 

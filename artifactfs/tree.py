@@ -4,7 +4,8 @@ directories), and symlink resolution inside a tree, on disk or in a manifest.
 A symlink is kept as a symlink when its target is relative and resolves (following the tree's
 own links) to a place inside the tree, dangling or not; one that is absolute, leads outside or
 loops (a cycle of links, or a link to a directory holding it, such as "." or "..") is followed
-as `cp -L` would: a regular file target is stored as a file, anything else is skipped. The same resolver answers for a logged manifest (W&B export, fsspec, fsck), so a link
+as `cp -L` would: a regular file target is stored as a file, anything else is skipped. The same
+resolver answers for a logged manifest (W&B export, fsspec, fsck), so a link
 means the same thing on disk, in the mount and in every export.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import enum
 import os
 import stat
-from typing import Callable, Iterator, Literal, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Literal, NamedTuple
 
 from .errors import ArtifactFSError, InvalidName
 

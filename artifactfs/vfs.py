@@ -23,8 +23,9 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import xxhash
 
@@ -382,13 +383,13 @@ class VFS:
                 for idx in sorted(a.versions):
                     vid, created = a.versions[idx]
                     live_vids.add(vid)
-                    vr = self._versions.get(vid)
-                    if vr is None:
-                        vr = VersionRoot(self._top_ino(b"v\x00%d" % vid), b"v%d" % idx, vid, name, idx,
-                                         created, ino)
-                        self._versions[vid] = vr
-                        self._inodes[vr.ino] = vr
-                    adir.children[vr.name] = vr
+                    ver = self._versions.get(vid)
+                    if ver is None:
+                        ver = VersionRoot(self._top_ino(b"v\x00%d" % vid), b"v%d" % idx, vid, name, idx,
+                                          created, ino)
+                        self._versions[vid] = ver
+                        self._inodes[ver.ino] = ver
+                    adir.children[ver.name] = ver
                 for alias in sorted(a.aliases):
                     idx = a.aliases[alias]
                     if idx not in a.versions:
@@ -415,7 +416,7 @@ class VFS:
                 self._inodes[ino] = adir
                 shown.add(ino)
                 new_children[bname] = adir
-            for bname, old in old_children.items():
+            for bname in old_children:
                 if bname not in new_children:
                     entries.append((ROOT_INODE, bname))
             if set(old_children) != set(new_children):

@@ -135,7 +135,7 @@ def unmount_all() -> None:
     for mp in list(_LIVE):
         try:
             unmount(mp)
-        except Exception as e:  # noqa: BLE001 - keep unmounting the others
+        except Exception as e:
             print(f"bench: cannot unmount {mp}: {e}", file=sys.stderr)
 
 
@@ -317,7 +317,8 @@ def ensure_venv(name: str, packages: list[str]) -> tuple[str | None, str | None]
     r = subprocess.run([py, "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, check=False)
     if r.returncode != 0:
-        errs = [ln for ln in (r.stderr or r.stdout).splitlines() if "ERROR" in ln] or (r.stderr or r.stdout).splitlines()
+        text = (r.stderr or r.stdout).splitlines()
+        errs = [ln for ln in text if "ERROR" in ln] or text
         return None, f"pip install {spec} failed: {one_line(errs[-1] if errs else '')}"
     with open(marker, "w") as f:
         f.write(spec + "\n")
@@ -464,7 +465,8 @@ class Peers:
             r = subprocess.run([self.bin["wandb"], script, path], env=env, capture_output=True, text=True,
                                stdin=subprocess.DEVNULL, check=False)
             if r.returncode != 0:
-                raise RuntimeError(f"wandb add_dir exited {r.returncode}: {one_line(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout)}")
+                last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.stdout
+                raise RuntimeError(f"wandb add_dir exited {r.returncode}: {one_line(last)}")
             return float(r.stdout.strip().splitlines()[-1])
         finally:
             shutil.rmtree(base, ignore_errors=True)  # the staged copies
@@ -942,11 +944,13 @@ TARGETS: list[tuple[str, str, str, str, str, float]] = [
     ("read-large cold >= 0.85x native", "read-large", "through the mount, cold", "MB/s", ">=", 0.85),
     ("read-large warm >= 0.9x native", "read-large", "through the mount, warm", "MB/s", ">=", 0.9),
     ("read-small warm >= 0.35x native", "read-small", "through the mount, one process", "files/s", ">=", 0.35),
-    ("read-small warm >= 0.75x squashfuse_ll", "read-small", "mount vs squashfuse_ll, one process", "files/s", ">=", 0.75),
+    ("read-small warm >= 0.75x squashfuse_ll", "read-small", "mount vs squashfuse_ll, one process", "files/s", ">=",
+     0.75),
     ("read-small warm >= 4x ratarmount", "read-small", "mount vs ratarmount, one process", "files/s", ">=", 4.0),
     ("metadata second pass >= 0.8x native", "metadata", "through the mount, second pass", "entries/s", ">=", 0.8),
     ("metadata first pass >= 0.1x native", "metadata", "through the mount, first pass", "entries/s", ">=", 0.1),
-    ("metadata first pass >= 2x squashfuse_ll", "metadata", "mount vs squashfuse_ll, first pass", "entries/s", ">=", 2.0),
+    ("metadata first pass >= 2x squashfuse_ll", "metadata", "mount vs squashfuse_ll, first pass", "entries/s", ">=",
+     2.0),
     ("parallel cold >= 0.8x native (4 readers)", "parallel", "through the mount, 4 readers, cold", "MB/s", ">=", 0.8),
     ("parallel warm >= 0.8x native (4 readers)", "parallel", "through the mount, 4 readers, warm", "MB/s", ">=", 0.8),
     ("ingest-tree >= 0.6x the hashing limit", "ingest-tree", "artifactfs log (first)", "files/s", ">=", 0.6),

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifactfs import Store
 from helpers import log_files
 
-
+from artifactfs import Store
 
 
 def read_range(path: str | os.PathLike[str], off: int, n: int, *, uncached: bool, use_mmap: bool = False) -> bytes:
@@ -106,7 +105,7 @@ class Churner(threading.Thread):
                 self.stats.gc_runs += 1
                 self.stats.blobs_freed += report.blobs_freed
                 self._stop_event.wait(self.period)
-        except Exception:  # noqa: BLE001 - any failure of the churn is reported by the test
+        except Exception:
             self.stats.errors.append(traceback.format_exc())
         finally:
             store.close()
@@ -126,7 +125,7 @@ class Readers:
         while time.monotonic() < self.deadline:
             try:
                 fn(rng)
-            except Exception:  # noqa: BLE001 - every failed read is counted and reported
+            except Exception:
                 with self._lock:
                     self.errors.append(traceback.format_exc())
                 if len(self.errors) > 20:

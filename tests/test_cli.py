@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from helpers import b3
 
 from artifactfs import Artifact, Store
-from helpers import b3
 
 
 def tree_bytes(root: str | os.PathLike[str]) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-
 WORKERS = 4
 VERSIONS_EACH = 5
 

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import log_files
 
 from artifactfs import CatalogError, Store
 from artifactfs.manifest import ManifestEntry, manifest_digest
-from helpers import log_files
 
 FILES_V0 = {"a.txt": b"A\n", "shared.txt": b"in both versions\n", "d/deep.txt": b"deep\n"}
 FILES_V1 = {"a.txt": b"A, changed\n", "shared.txt": b"in both versions\n", "d/deep.txt": b"deep\n"}

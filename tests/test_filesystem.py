@@ -8,10 +8,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from helpers import log_files
 
 from artifactfs import Artifact, Store
 from artifactfs.filesystem import ArtifactFileSystem
-from helpers import log_files
 
 FILES = {"a.txt": b"alpha\n", "sub/b.bin": bytes(range(256)) * 40, "sub/deep/c.txt": b"gamma\n"}
 

@@ -10,12 +10,11 @@ from typing import Any
 
 import pyfuse3
 import pytest
+from helpers import log_files
 
-from artifactfs import DigestMismatch, NotFound, Store
-from artifactfs import fuse_ops
+from artifactfs import DigestMismatch, NotFound, Store, fuse_ops
 from artifactfs.fuse_ops import LONG_TIMEOUT, SHORT_TIMEOUT, Operations
 from artifactfs.vfs import ROOT_INODE, VFS, Invalidation
-from helpers import log_files
 
 CTX: Any = None  # handlers ignore the request context
 

@@ -14,12 +14,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import log_files
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from artifactfs import Artifact, ArtifactFSError, InvalidName, Store
 from artifactfs.names import check_entry_path
-from helpers import log_files
 
 _props = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -194,7 +194,7 @@ def test_any_reference_is_logged_inside_its_version_or_refused(
     try:
         art.add_reference(uri, name=name, checksum=checksum)  # type: ignore[arg-type]
         v = fast_store.log_artifact(art)
-    except BaseException as e:  # noqa: B036 - the property is about the type of every exception
+    except BaseException as e:
         if not is_refusal(e, uri):
             raise
         return

@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import b3
 
 from artifactfs import Artifact, Store
-from helpers import b3
 
 
 class OpenRecorder:

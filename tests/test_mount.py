@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, require_fuse, wait_until  # noqa: F401
+from helpers import log_files, run
 
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
-from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, require_fuse, wait_until  # noqa: F401
-from helpers import log_files, run
 
 pytestmark = pytest.mark.fuse
 

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fusehelpers import Mounter, mounter, wait_until  # noqa: F401
+from mountchurn import Churner, Readers, log_files, read_range
 
 from artifactfs import Artifact, Store
 from artifactfs.references import file_uri
-from fusehelpers import Mounter, mounter, wait_until  # noqa: F401
-from mountchurn import Churner, Readers, log_files, read_range
 
 pytestmark = pytest.mark.fuse
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from artifactfs.vfs import link_target
-from artifactfs import Artifact, Store
-from artifactfs.references import file_uri
 from fusehelpers import Mount, Mounter, artifactfs_cmd, is_mounted, lazy_unmount, mounter  # noqa: F401
 from mountchurn import log_files, read_range, tree_snapshot
+
+from artifactfs import Artifact, Store
+from artifactfs.references import file_uri
+from artifactfs.vfs import link_target
 
 pytestmark = pytest.mark.fuse
 

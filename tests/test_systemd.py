@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, pid_alive  # noqa: F401
 
 from artifactfs import Artifact, Store
-
-from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, pid_alive  # noqa: F401
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SYSTEM_UNIT = UNITS / "artifactfs.service"
@@ -97,7 +96,7 @@ def test_exec_start_sends_ready_once_the_mount_is_live_and_stops_on_sigterm(
             assert proc.poll() is None, f"daemon exited early:\n{log.read_text()}"
             try:
                 messages.append(sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 continue
         assert any("READY=1" in m for m in messages), f"no READY=1 within 20 s; got {messages}"
         # READY=1 means the mount is usable at that moment, not a little later.

@@ -15,11 +15,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from fusehelpers import Mounter, mounter  # noqa: F401
+from helpers import run
 
 from artifactfs import Artifact, Store
 from artifactfs.tree import Outcome, resolve_link, walk_tree
-from fusehelpers import Mounter, mounter  # noqa: F401
-from helpers import run
 
 
 @pytest.fixture
@@ -337,8 +337,9 @@ def test_a_forged_link_that_escapes_only_through_another_link_is_not_downloaded(
         store: Store, tmp_path: Path) -> None:
     """Lexically inside (up/../secret), physically outside (up -> .): download refuses it and
     fsck names it."""
-    from artifactfs import ArtifactFSError
     from helpers import log_files
+
+    from artifactfs import ArtifactFSError
 
     v = log_files(store, "ds", {"a.txt": b"a"})
     with store.catalog.transaction() as c:

@@ -10,16 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import log_files
 
 from artifactfs import Artifact, Store
 from artifactfs import vfs as vfs_mod
 from artifactfs.references import file_uri
 from artifactfs.vfs import (
-    ROOT_INODE, VFS, BlobFile, Dir, Link, NeedsHash, RefFile, VersionInfo, VersionRoot,
+    ROOT_INODE,
+    VFS,
+    BlobFile,
+    Dir,
+    Link,
+    NeedsHash,
+    RefFile,
+    VersionInfo,
+    VersionRoot,
 )
-from helpers import log_files
-
-
 
 
 def make_vfs(store: Store, **kw: Any) -> VFS:
