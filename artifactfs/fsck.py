@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .blobstore import hash_file, is_oid
+from .catalog import RawEntry, VersionRow
 from .errors import CatalogError, InvalidName
 from .ingest import Meter, Progress
 from .manifest import ManifestEntry, manifest_digest
@@ -97,9 +99,14 @@ class Fsck:
         self.report.damage.append(Damage(kind, blob, versions or [], detail))
 
     def check_catalog_integrity(self) -> None:
-        res = [r[0] for r in self.cat.query("PRAGMA quick_check")]
-        if res != ["ok"]:
-            self._damage("catalog", "SQLite quick_check: " + "; ".join(map(str, res[:5])))
+        problems = self.cat.integrity_problems()
+        if problems:
+            self._damage("catalog", "integrity check: " + "; ".join(problems[:5]))
+
+    def _each_version(self) -> Iterator[tuple[str, list[RawEntry], VersionRow]]:
+        """(NAME:vN, its entries as stored, the version) for every version."""
+        for v in self.cat.version_list():
+            yield f"{v.name}:v{v.idx}", self.cat.raw_entries(v.id), v
 
     def check_blobs(self, repair: bool) -> None:
         """Every referenced blob exists and its content matches its name; others are garbage."""
@@ -135,105 +142,98 @@ class Fsck:
 
     def check_manifest_digests(self) -> None:
         """Each version's digest is the digest of its entries (no row added, lost or changed)."""
-        for vid, name, idx, digest in self.cat.query(
-                "SELECT v.id, a.name, v.idx, v.digest FROM versions v JOIN artifacts a ON a.id = v.artifact_id"):
-            # Raw columns: a malformed extra field is check_blob_rows' to report, not a crash here.
-            rows = self.cat.query("SELECT path, digest, size, ref, kind, executable, target FROM entries "
-                                  "WHERE version_id = ?", (vid,))
-            got = manifest_digest(ManifestEntry(p, d, sz, ref, kind=k, executable=bool(x), target=t)
-                                  for p, d, sz, ref, k, x, t in rows)
-            if got != digest:
-                self._damage("bad-manifest", f"entries of {name}:v{idx} do not match its manifest digest",
-                             None, [f"{name}:v{idx}"])
+        for label, rows, v in self._each_version():
+            # Raw rows: a malformed extra field is check_blob_rows' to report, not a crash here.
+            got = manifest_digest(ManifestEntry(r.path, r.digest, r.size, r.ref, kind=r.kind,  # type: ignore[arg-type]
+                                                executable=bool(r.executable), target=r.target) for r in rows)
+            if got != v.digest:
+                self._damage("bad-manifest", f"entries of {label} do not match its manifest digest", None, [label])
 
     def check_entry_paths(self) -> None:
         """Every entry path is a valid relative path (could not escape a mount or a download)."""
-        for name, idx, path in self.cat.query(
-                "SELECT a.name, v.idx, e.path FROM entries e JOIN versions v ON v.id = e.version_id "
-                "JOIN artifacts a ON a.id = v.artifact_id"):
-            try:
-                if check_entry_path(path) != path:
-                    raise InvalidName("not normalised")
-            except InvalidName as e:
-                self._damage("bad-path", f"entry path {path!r}: {e}", None, [f"{name}:v{idx}"])
+        for label, rows, _v in self._each_version():
+            for r in rows:
+                try:
+                    if check_entry_path(r.path) != r.path:
+                        raise InvalidName("not normalised")
+                except InvalidName as e:
+                    self._damage("bad-path", f"entry path {r.path!r}: {e}", None, [label])
 
     def check_blob_rows(self) -> None:
         """A blob entry's digest is its blob id, and its extra is a JSON object."""
-        for name, idx, path, digest, blob, extra in self.cat.query(
-                "SELECT a.name, v.idx, e.path, e.digest, e.blob, e.extra FROM entries e "
-                "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id"):
-            if blob is not None and blob != digest:
-                self._damage("bad-row", f"entry {path!r} names blob {blob} but digest {digest}", blob,
-                             [f"{name}:v{idx}"])
-            try:
-                if not isinstance(json.loads(extra), dict):
-                    raise ValueError
-            except (TypeError, ValueError):
-                self._damage("bad-row", f"entry {path!r} has a malformed extra field", None, [f"{name}:v{idx}"])
+        for label, rows, _v in self._each_version():
+            for r in rows:
+                if r.blob is not None and r.blob != r.digest:
+                    self._damage("bad-row", f"entry {r.path!r} names blob {r.blob} but digest {r.digest}", r.blob,
+                                 [label])
+                try:
+                    if not isinstance(json.loads(r.extra), dict):
+                        raise ValueError
+                except (TypeError, ValueError):
+                    self._damage("bad-row", f"entry {r.path!r} has a malformed extra field", None, [label])
 
     def check_entry_kinds(self) -> None:
         """Every entry is a file, a symlink whose target stays inside the version, or a
         directory with no entries below it."""
-        for vid, name, idx, path, kind, target, blob in self.cat.query(
-                "SELECT v.id, a.name, v.idx, e.path, e.kind, e.target, e.blob FROM entries e "
-                "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id"):
-            where = [f"{name}:v{idx}"]
-            if kind not in (FILE, SYMLINK, DIRECTORY):
-                self._damage("bad-row", f"entry {path!r} has an unknown kind {kind!r}", None, where)
-            elif kind == SYMLINK:
-                try:
-                    check_link_target(path, target)
-                except InvalidName as e:
-                    self._damage("bad-link", str(e), None, where)
-                    continue
-                problem = link_problem(path, target, catalog_lookup(self.cat, vid))
-                if problem is not None:
-                    self._damage("bad-link", f"symlink {path!r} -> {target!r} {problem}", None, where)
-            elif kind == DIRECTORY and blob is not None:
-                self._damage("bad-row", f"directory entry {path!r} names a blob", blob, where)
+        for label, rows, v in self._each_version():
+            lookup = catalog_lookup(self.cat, v.id)
+            for r in rows:
+                if r.kind not in (FILE, SYMLINK, DIRECTORY):
+                    self._damage("bad-row", f"entry {r.path!r} has an unknown kind {r.kind!r}", None, [label])
+                elif r.kind == SYMLINK:
+                    try:
+                        target = check_link_target(r.path, r.target)
+                    except InvalidName as e:
+                        self._damage("bad-link", str(e), None, [label])
+                        continue
+                    problem = link_problem(r.path, target, lookup)
+                    if problem is not None:
+                        self._damage("bad-link", f"symlink {r.path!r} -> {target!r} {problem}", None, [label])
+                elif r.kind == DIRECTORY and r.blob is not None:
+                    self._damage("bad-row", f"directory entry {r.path!r} names a blob", r.blob, [label])
 
     def check_references(self) -> None:
         """Each checksummed file:// reference still holds its logged content (re-hashed where its
         stat changed). A changed one the store holds a copy of is served from the copy: listed,
         not damage."""
-        for name, idx, path, digest, ref, extra in self.cat.query(
-                "SELECT a.name, v.idx, e.path, e.digest, e.ref, e.extra FROM entries e "
-                "JOIN versions v ON v.id = e.version_id JOIN artifacts a ON a.id = v.artifact_id "
-                "WHERE e.ref LIKE 'file://%' AND e.blob IS NULL AND e.digest != e.ref ORDER BY a.name, v.idx, e.path"):
-            local = local_path_of(ref)
-            try:
-                fp = logged_fingerprint(json.loads(extra))
-            except (TypeError, ValueError):
-                fp = None
-            got = open_checked_ref(local, digest, fp) if local else None
-            self.report.references_checked += 1
-            if got is not None:
-                os.close(got[0])
-                continue
-            label = f"{name}:v{idx}/{path}"
-            if is_oid(digest) and self.store.blobs.has(digest):
-                self.report.changed_references.append(f"{label}: {local} changed; served from the store's copy")
-            else:
-                self.report.changed_references.append(f"{label}: {local} changed")
-                self._damage("changed-reference", f"{label}: referenced file {local} changed or is gone since it "
-                             "was logged (reading it fails with EIO)", None, [f"{name}:v{idx}"])
+        for label, rows, _v in self._each_version():
+            for r in rows:
+                if r.ref is None or not r.ref.startswith("file://") or r.blob is not None or r.digest == r.ref:
+                    continue
+                local = local_path_of(r.ref)
+                try:
+                    fp = logged_fingerprint(json.loads(r.extra))
+                except (TypeError, ValueError):
+                    fp = None
+                got = open_checked_ref(local, r.digest, fp) if local else None
+                self.report.references_checked += 1
+                if got is not None:
+                    os.close(got[0])
+                    continue
+                where = f"{label}/{r.path}"
+                if is_oid(r.digest) and self.store.blobs.has(r.digest):
+                    self.report.changed_references.append(f"{where}: {local} changed; served from the store's copy")
+                else:
+                    self.report.changed_references.append(f"{where}: {local} changed")
+                    self._damage("changed-reference", f"{where}: referenced file {local} changed or is gone since it "
+                                 "was logged (reading it fails with EIO)", None, [label])
 
     def check_latest_alias(self) -> None:
         """Every artifact with versions has `latest` on its newest version; aliases name live versions."""
-        for _art_id, name, newest, latest in self.cat.query(
-                "SELECT a.id, a.name, (SELECT MAX(idx) FROM versions WHERE artifact_id = a.id), "
-                "(SELECT v.idx FROM aliases x JOIN versions v ON v.id = x.version_id "
-                " WHERE x.artifact_id = a.id AND x.alias = 'latest') FROM artifacts a"):
-            if newest is not None and latest != newest:
-                self._damage("bad-alias", f"{name}: latest is {latest}, newest version is v{newest}", None, [name])
-        for name, alias in self.cat.query(
-                "SELECT a.name, x.alias FROM aliases x JOIN artifacts a ON a.id = x.artifact_id "
-                "WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.id = x.version_id AND v.artifact_id = a.id)"):
-            self._damage("bad-alias", f"{name}:{alias} names no version of {name}", None, [name])
+        newest: dict[str, int] = {}
+        for v in self.cat.version_list():
+            newest[v.name] = max(newest.get(v.name, v.idx), v.idx)
+        latest = {name: idx for name, alias, idx in self.cat.alias_list() if alias == "latest"}
+        for name, top in newest.items():
+            if latest.get(name) != top:
+                shown = latest.get(name)
+                self._damage("bad-alias", f"{name}: latest is {f'v{shown}' if shown is not None else None}, "
+                             f"newest version is v{top}", None, [name])
+        for name, alias, idx in self.cat.alias_list():
+            if idx is None:
+                self._damage("bad-alias", f"{name}:{alias} names no version of {name}", None, [name])
 
     def check_entry_counts(self) -> None:
-        for name, idx, n, real in self.cat.query(
-                "SELECT a.name, v.idx, v.n_entries, (SELECT COUNT(*) FROM entries e WHERE e.version_id = v.id) "
-                "FROM versions v JOIN artifacts a ON a.id = v.artifact_id"):
-            if n != real:
-                self._damage("bad-row", f"{name}:v{idx} records {n} entries but has {real}", None, [f"{name}:v{idx}"])
+        for label, rows, v in self._each_version():
+            if v.n_entries != len(rows):
+                self._damage("bad-row", f"{label} records {v.n_entries} entries but has {len(rows)}", None, [label])

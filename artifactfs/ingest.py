@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .blobstore import BlobStore, Hashes, Holder, hash_file
-from .catalog import Catalog, StatKey
+from .catalog import StatKey
+from .catalog.host import HostDB
 from .errors import ArtifactFSError
 from .references import fingerprint as stat_key
 
@@ -79,7 +80,7 @@ class FileChanged(ArtifactFSError):
     """A source file changed while it was being logged."""
 
 
-def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *, lease: Holder | None = None,
+def ingest(jobs: list[Job], blobs: BlobStore, host: HostDB, *, lease: Holder | None = None,
            progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
     """Hash (and store) every job's file; results in job order. Progress is in bytes.
 
@@ -90,7 +91,7 @@ def ingest(jobs: list[Job], blobs: BlobStore, catalog: Catalog, *, lease: Holder
     keys: list[StatKey] = []
     for j in jobs:
         keys.append(stat_key(os.stat(j.src)))
-    cache = catalog.stat_cache_lookup(keys) if keys else {}
+    cache = host.stat_cache_lookup(keys) if keys else {}
     results: list[Hashed | None] = [None] * len(jobs)
     todo: list[int] = []
     meter = Meter(progress, sum(k[2] for k in keys))

@@ -10,7 +10,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, Symlink
 from .blobstore import BlobStore, Count, Digest, copy_fd, hash_file, is_oid, reflink
-from .catalog import Catalog, EntryRow, VersionId, VersionRow
+from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
+from .catalog.host import HostDB
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
@@ -73,7 +74,9 @@ class Store:
         """Open the store at `root` (default: see default_root); `create=False` refuses a
         missing store instead of creating it."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
-        self.catalog = Catalog(os.path.join(_store_dir(self.root, create), "catalog.db"), create=create)
+        root_dir = _store_dir(self.root, create)
+        self.host = HostDB(root_dir, create=create)  # this machine's own state (stat cache, mounts)
+        self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         self.blobs = BlobStore(self.root)
         if create:
             self.blobs.ensure()
@@ -84,6 +87,7 @@ class Store:
 
     def close(self) -> None:
         self.catalog.close()
+        self.host.close()
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -171,7 +175,7 @@ class Store:
                 entries[path] = EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
         _check_links(entries, [p for p, _ in job_paths])
         try:
-            hashed = ingest(jobs, self.blobs, self.catalog, lease=lease, progress=progress)
+            hashed = ingest(jobs, self.blobs, self.host, lease=lease, progress=progress)
         except FileNotFoundError as e:
             if e.filename in {j.src for j in jobs}:
                 raise FileNotFoundError(errno.ENOENT, "vanished before it was logged", e.filename) from None
@@ -209,20 +213,11 @@ class Store:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
             raise
-        now = time.time()
-        cat = self.catalog
-        with cat.transaction():
-            art_id, next_index = cat.artifact_for_log(artifact.name, artifact.type, now)
-            latest = cat.latest_of(art_id)
-            if latest is not None and latest[1] == digest:
-                vid = latest[0]
-                cat.move_aliases(art_id, vid, alias_list)
-            else:
-                self._ensure_blobs(entries, job_paths, lease)
-                vid = cat.insert_version(art_id, next_index, digest, artifact.description, artifact.metadata,
-                                         now, list(entries.values()))
-                cat.move_aliases(art_id, vid, ["latest", *alias_list])
-            cat.store_stat_cache(cache_rows)
+        commit = LogCommit(artifact.name, artifact.type, digest, artifact.description, artifact.metadata,
+                           time.time(), list(entries.values()), alias_list)
+        vid = self.catalog.commit_log(commit, lambda: self._ensure_blobs(entries, job_paths, lease))
+        # After the commit, in this host's own database: a crash before it only costs a re-hash.
+        self.host.store_stat_cache(cache_rows)
         return vid
 
     def import_wandb(self, name: str, manifest: str | os.PathLike[str] | dict[str, Any],
@@ -296,11 +291,10 @@ class Store:
         if alias == "latest":
             raise InvalidName("the alias 'latest' is managed automatically")
         row = self._find(spec)
-        with self.catalog.transaction():
-            art_id = self.catalog.artifact_of(row.id)
-            if art_id is None:
-                raise NotFound(f"{spec} was deleted")
-            self.catalog.move_aliases(art_id, row.id, [alias])
+        try:
+            self.catalog.set_alias(row.id, alias)
+        except NotFound:
+            raise NotFound(f"{spec} was deleted") from None
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Remove `alias` from artifact `name` (a `name:...` spec is accepted too)."""
@@ -308,9 +302,8 @@ class Store:
         names.check_alias(alias)
         if alias == "latest":
             raise InvalidName("the alias 'latest' is managed automatically")
-        with self.catalog.transaction():
-            if not self.catalog.remove_alias(art, alias):
-                raise NotFound(f"artifact {art!r} has no alias {alias!r}")
+        if not self.catalog.remove_alias(art, alias):
+            raise NotFound(f"artifact {art!r} has no alias {alias!r}")
 
     def delete(self, spec: str, *, delete_aliases: bool = False) -> None:
         """Delete one version, named `NAME:vN` or `NAME:ALIAS` (a bare name is refused: it would
@@ -322,16 +315,10 @@ class Store:
             raise InvalidName(f"delete needs a version: {spec}:vN or {spec}:ALIAS (a bare name would delete "
                               "the latest version)")
         row = self._find(spec)
-        with self.catalog.transaction():
-            art_id = self.catalog.artifact_of(row.id)
-            if art_id is None:
-                raise NotFound(f"{spec} was already deleted")
-            held = [a for a in self.catalog.aliases_of(row.id) if a != "latest"]
-            if held and not delete_aliases:
-                raise ArtifactFSError(
-                    f"{row.name}:v{row.idx} has the alias{'es' if len(held) > 1 else ''} {', '.join(held)}; "
-                    "delete it with them by passing delete_aliases=True (--delete-aliases), or move them first")
-            self.catalog.delete_version(row.id, art_id)
+        try:
+            self.catalog.delete_version(row.id, delete_aliases=delete_aliases)
+        except NotFound:
+            raise NotFound(f"{spec} was already deleted") from None
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -349,24 +336,32 @@ class Store:
         """
         cutoff = time.time() - grace_seconds
         deadline = time.monotonic() + MOUNT_ACK_TIMEOUT
+
+        def attempt(referenced: Callable[[], set[str]]) -> GCReport | None:
+            # Under the write lock: no delete can come between this check and the deletions.
+            behind = [] if dry_run else self._mounts_behind()
+            if behind and time.monotonic() < deadline:
+                return None  # wait outside the lock: the daemon's acknowledgement needs none, a log does
+            return self._collect(referenced, cutoff, dry_run, progress, behind)
+
         while True:
-            with self.catalog.transaction():
-                behind = [] if dry_run else self._mounts_behind()
-                if not behind or time.monotonic() >= deadline:
-                    return self._collect(cutoff, dry_run, progress, behind)
-            time.sleep(0.05)  # outside the write lock: the daemon's acknowledgement needs it
+            report = self.catalog.collect(attempt)
+            if report is not None:
+                return report
+            time.sleep(0.05)
 
     def _mounts_behind(self) -> list[str]:
-        """Mountpoints of live daemons that have not acknowledged the last delete."""
-        return [mp for mp, pid in self.catalog.mounts_behind() if pid_alive(pid)]
+        """Mountpoints of this host's live daemons that have not acknowledged the last delete."""
+        deleted = self.catalog.deleted_generation()
+        return [mp for mp, pid, _art, seen in self.host.mounts() if seen < deleted and pid_alive(pid)]
 
-    def _collect(self, cutoff: float, dry_run: bool, progress: Progress | None,
-                 behind: list[str]) -> GCReport:
-        """The deletions of gc (the caller holds the catalog's write lock)."""
+    def _collect(self, referenced_blobs: Callable[[], set[str]], cutoff: float, dry_run: bool,
+                 progress: Progress | None, behind: list[str]) -> GCReport:
+        """The deletions of gc (the catalog's write lock is held)."""
         # The listing first, the leases last: a blob renamed into place after the listing is no
         # candidate, and a log holds every blob before it renames or reuses it.
         listing = list(self.blobs.iter_blobs())
-        referenced = self.catalog.referenced_blobs()
+        referenced = referenced_blobs()
         held = held_blobs(self.leases_dir, remove_dead=not dry_run)
         candidates = [(oid, st) for oid, st in listing
                       if oid not in referenced and oid not in held and st.st_mtime < cutoff]
@@ -404,22 +399,23 @@ class Store:
     # -- mounts (zero-copy download) ----------------------------------------------------------
 
     def register_mount(self, mountpoint: str, pid: int, artifact: str | None, seen_generation: int) -> None:
-        """Record a live daemon; `seen_generation` is the catalog generation its view shows."""
-        with self.catalog.transaction():
-            self.catalog.set_mount(os.path.abspath(mountpoint), pid, artifact, time.time(), seen_generation)
+        """Record a live daemon of this host; `seen_generation` is the catalog generation its view shows."""
+        self.host.set_mount(os.path.abspath(mountpoint), pid, artifact, time.time(), seen_generation)
 
     def ack_mount(self, mountpoint: str, generation: int) -> None:
         """A daemon has handled every delete up to `generation` (it holds what readers may need)."""
-        with self.catalog.transaction():
-            self.catalog.ack_mount(os.path.abspath(mountpoint), generation)
+        self.host.ack_mount(os.path.abspath(mountpoint), generation)
 
     def unregister_mount(self, mountpoint: str) -> None:
-        with self.catalog.transaction():
-            self.catalog.drop_mount(os.path.abspath(mountpoint))
+        self.host.drop_mount(os.path.abspath(mountpoint))
+
+    def mounts(self) -> list[tuple[str, int, str | None]]:
+        """(mountpoint, daemon pid, NAME:vN or None for the whole store) of this host's mounts."""
+        return [(mp, pid, art) for mp, pid, art, _seen in self.host.mounts()]
 
     def live_mount(self) -> str | None:
         """The mountpoint of a live daemon mounting the whole store, or None (dead ones are cleaned)."""
-        for mp, pid, art in self.catalog.mounts():
+        for mp, pid, art in self.mounts():
             if pid_alive(pid) and os.path.ismount(mp):
                 if art is None:
                     return str(mp)

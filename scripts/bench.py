@@ -50,7 +50,7 @@ from typing import Any
 import blake3
 
 from artifactfs import Artifact, Store
-from artifactfs.catalog import Catalog
+from artifactfs.catalog import LogCommit
 from artifactfs.manifest import manifest_digest
 
 SEED = 20261127
@@ -837,32 +837,32 @@ def build_scale_version(store_root: str, name: str, n: int) -> tuple[int, str]:
     log a few small files normally (their blobs are real) and then insert a version whose n
     entries (1000 per directory) all point at those blobs, with the right n_entries,
     total_size and manifest digest, so that fsck finds nothing wrong: the catalog's own
-    insert_version and move_aliases, as Store.log_artifact uses them, minus the files.
+    commit_log, as Store.log_artifact uses it, minus the files.
     Returns (version index, path of one file in the middle).
     """
-    cat = Catalog(os.path.join(store_root, "catalog.db"), create=False)
+    store = Store(store_root, create=False)
     try:
+        cat = store.catalog
         seeds = [e for e in cat.entries(cat.versions_of(name)[-1].id) if e.blob is not None]
         rows = [seeds[i % len(seeds)]._replace(path=f"d{i // 1000:04d}/f{i % 1000:04d}.bin") for i in range(n)]
-        with cat.transaction():
-            art_id, idx = cat.artifact_for_log(name, "dataset", time.time())
-            vid = cat.insert_version(art_id, idx, manifest_digest(rows), "synthetic (scripts/bench scale)", {},
-                                     time.time(), rows)
-            cat.move_aliases(art_id, vid, ["latest"])
+        vid = cat.commit_log(LogCommit(name, "dataset", manifest_digest(rows), "synthetic (scripts/bench scale)", {},
+                                       time.time(), rows, []), lambda: None)
+        row = cat.version_by_id(vid)
+        assert row is not None
         mid = n // 2
-        return idx, f"d{mid // 1000:04d}/f{mid % 1000:04d}.bin"
+        return row.idx, f"d{mid // 1000:04d}/f{mid % 1000:04d}.bin"
     finally:
-        cat.close()
+        store.close()
 
 
 def daemon_pid(store_root: str, mountpoint: str) -> int:
-    cat = Catalog(os.path.join(store_root, "catalog.db"), create=False)
+    store = Store(store_root, create=False)
     try:
-        pids = [pid for mp, pid, _art in cat.mounts() if mp == os.path.abspath(mountpoint)]
+        pids = [pid for mp, pid, _art in store.mounts() if mp == os.path.abspath(mountpoint)]
     finally:
-        cat.close()
+        store.close()
     if not pids:
-        raise RuntimeError(f"no row for {mountpoint} in the catalog's mounts table")
+        raise RuntimeError(f"no row for {mountpoint} in the store's mounts")
     return pids[0]
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import blake3
 import pytest
 import xxhash
+from helpers import catalog_sql, make_old_catalog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifactfs
 from artifactfs import Artifact, ArtifactFSError, DigestMismatch, InvalidName, Store
-from artifactfs.catalog import SCHEMA_VERSION
+from artifactfs.catalog.sqlite import SCHEMA_VERSION
 
 
 def b3(data: bytes) -> str:
@@ -731,47 +732,58 @@ def test_gc_waits_for_live_mounts_to_acknowledge_the_last_delete(store: Store, l
 
 
 def test_a_version_1_catalog_is_migrated_on_open(store_root: Path) -> None:
-    import sqlite3
-
     s = Store(store_root)
     log_bytes(s, "ds", {"a": b"x"})
     s.close()
-    db = sqlite3.connect(store_root / "catalog.db")
-    db.execute("ALTER TABLE mounts DROP COLUMN seen_generation")
-    db.execute("DELETE FROM meta WHERE key = 'deleted_generation'")
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+    make_old_catalog(store_root, 1)
     s = Store(store_root)
-    assert s.catalog.get_val("PRAGMA user_version") == SCHEMA_VERSION
+    assert s.catalog.user_version() == SCHEMA_VERSION  # type: ignore[attr-defined]
     assert s.catalog.deleted_generation() == 0
     s.register_mount("/mnt/x", os.getpid(), None, 0)
     s.delete("ds:v0")
-    assert s.catalog.mounts_behind() == [("/mnt/x", os.getpid())]
+    assert s._mounts_behind() == ["/mnt/x"]
     s.close()
 
 
 def test_a_version_2_catalog_is_migrated_and_keeps_its_digests(store_root: Path) -> None:
     """A catalog from before trees were kept (no entries.kind, executable, target, no
     stat_cache.md5) opens, gains the columns, and its versions keep their manifest digests."""
-    import sqlite3
-
     s = Store(store_root)
     v = log_bytes(s, "ds", {"a": b"x", "b/c": b"y"})
     s.close()
-    db = sqlite3.connect(store_root / "catalog.db")
-    for col in ("kind", "executable", "target"):
-        db.execute(f"ALTER TABLE entries DROP COLUMN {col}")
-    db.execute("ALTER TABLE stat_cache DROP COLUMN md5")
-    db.execute("PRAGMA user_version = 2")
-    db.commit()
-    db.close()
+    make_old_catalog(store_root, 2)
     s = Store(store_root)
-    assert s.catalog.get_val("PRAGMA user_version") == SCHEMA_VERSION
+    assert s.catalog.user_version() == SCHEMA_VERSION  # type: ignore[attr-defined]
     assert s.artifact("ds:v0").digest == v.digest
     assert {e.kind for e in s.artifact("ds:v0").files()} == {"file"}
     assert s.fsck().ok
     assert log_bytes(s, "ds", {"a": b"x", "b/c": b"y"}).version == "v0"  # same manifest, same version
+    s.close()
+
+
+def test_a_version_3_catalog_hands_its_host_state_to_host_db(store_root: Path, data_dir: Path) -> None:
+    """The stat cache and the mounts move from the shared catalog to host.db; nothing is lost."""
+    import sqlite3
+
+    s = Store(store_root)
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    s.log_artifact(art)
+    cached = s.host.query("SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 FROM stat_cache")
+    s.close()
+    make_old_catalog(store_root, 3)
+    for row in cached:
+        catalog_sql(store_root, "INSERT INTO stat_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(row))
+    catalog_sql(store_root, "INSERT INTO mounts VALUES ('/mnt/old', 4242, NULL, 1.0, 3)")
+    s = Store(store_root)
+    assert s.host.mounts() == [("/mnt/old", 4242, None, 3)]
+    assert sorted(s.host.query("SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 FROM stat_cache")) \
+        == sorted(cached)
+    with sqlite3.connect(store_root / "catalog.db") as c:
+        assert {r[0] for r in c.execute("SELECT name FROM sqlite_master")} & {"stat_cache", "mounts"} == set()
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    assert s.log_artifact(art).version == "v0"  # the stat cache still knows every file
     s.close()
 
 

@@ -274,7 +274,8 @@ MOMENTS = [
     Moment("log-txn-best-moved", "log", "sql", target="INSERT INTO aliases", k=2),
     Moment("log-txn-prod-added", "log", "sql", target="INSERT INTO aliases", k=3),
     Moment("log-txn-generation-bumped", "log", "sql", target="UPDATE meta"),
-    Moment("log-txn-stat-cache-written", "log", "sql", target="INSERT OR REPLACE INTO stat_cache"),
+    # The stat cache is host.db's, written after the catalog's COMMIT: a kill there loses only cache rows.
+    Moment("log-stat-cache-written", "log", "sql", target="INSERT OR REPLACE INTO stat_cache", committed=True),
     Moment("log-txn-commit-before", "log", "sql", when="before", target="COMMIT"),
     Moment("log-txn-committed", "log", "sql", target="COMMIT", committed=True),
     # the first log of a new artifact

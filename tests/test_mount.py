@@ -217,14 +217,14 @@ def test_background_mount_returns_once_live_and_ps_shows_the_mountpoint(ds: Stor
     assert p.returncode == 0, p.stderr
     assert is_mounted(mp)
     assert (mp / "ds/v1/a.txt").read_bytes() == b"alpha\n"  # live at once, no waiting
-    row = ds.catalog.get_row("SELECT pid FROM mounts WHERE mountpoint = ?", (str(mp),))
-    assert row is not None
-    m = mounter.adopt(mp, row[0], mounter.tmp_path / "none.log")
+    pids = [pid for path, pid, _art in ds.mounts() if path == str(mp)]
+    assert len(pids) == 1
+    m = mounter.adopt(mp, pids[0], mounter.tmp_path / "none.log")
     cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes().split(b"\0")
     assert os.fsencode(str(mp)) in cmdline
     assert run(*artifactfs_cmd(), "umount", mp).returncode == 0
     m.wait_exit(timeout=10)
-    assert ds.catalog.get_row("SELECT pid FROM mounts WHERE mountpoint = ?", (str(mp),)) is None
+    assert [path for path, _pid, _art in ds.mounts() if path == str(mp)] == []
     # A background daemon's log goes to $XDG_STATE_HOME/artifactfs/mount.log (isolated by conftest).
     log_text = (Path(os.environ["XDG_STATE_HOME"]) / "artifactfs" / "mount.log").read_text()
     assert "mounted" in log_text and f" at {mp}" in log_text

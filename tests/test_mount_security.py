@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from fusehelpers import Mount, Mounter, artifactfs_cmd, is_mounted, lazy_unmount, mounter  # noqa: F401
+from helpers import catalog_sql
 from mountchurn import log_files, read_range, tree_snapshot
 
 from artifactfs import Artifact, Store
@@ -374,9 +375,8 @@ def odd_store(store: Store) -> Store:
     # The API has no way to log a file:// reference as tracked (file:// entries are served in
     # place), but the view renders a tracked row with a local path as a symlink to that absolute
     # path: give one entry such a row, as an imported or older catalog could hold.
-    with store.catalog.transaction() as c:
-        c.execute("UPDATE entries SET ref = ?, digest = ? WHERE version_id = ? AND path = 'outside'",
-                  ("file:///etc/hostname", "file:///etc/hostname", v.id))
+    catalog_sql(store.root, "UPDATE entries SET ref = ?, digest = ? WHERE version_id = ? AND path = 'outside'",
+                ("file:///etc/hostname", "file:///etc/hostname", v.id))
     return store
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import log_files
+from helpers import catalog_sql, log_files
 
 from artifactfs import Artifact, Store
 from artifactfs import vfs as vfs_mod
@@ -417,9 +417,8 @@ def test_a_forged_symlink_that_would_lead_out_of_the_version_is_defused(store) -
     from helpers import log_files
 
     v = log_files(store, "ds", {"a.txt": b"a"})
-    with store.catalog.transaction() as c:
-        c.execute("INSERT INTO entries (version_id, path, digest, size, kind, target) VALUES (?, ?, ?, ?, ?, ?)",
-                  (v.id, "evil", "x", 3, "symlink", "../../../../etc/passwd"))
+    catalog_sql(store.root, "INSERT INTO entries (version_id, path, digest, size, kind, target) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (v.id, "evil", "x", 3, "symlink", "../../../../etc/passwd"))
     vfs = make_vfs(store)
     link = walk(vfs, "ds/v0/evil")
     assert vfs.readlink(link) == b"..%2F..%2F..%2F..%2Fetc%2Fpasswd"

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import catalog_sql
 
 from artifactfs import Artifact, Store
 from artifactfs.vfs import ROOT_INODE, VFS, Dir, Link
@@ -77,10 +78,9 @@ def test_file_and_directory_of_one_name_keep_the_file_in_both_modes(store: Store
         f.write("y")
     v0 = store.log_artifact(art)
     # The API refuses a file that is also a directory; a hand-edited catalog may hold one.
-    with store.catalog.transaction() as c:
-        c.execute("INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
-                  "SELECT version_id, 'x', digest, size, ref, blob, xxh128, ? FROM entries WHERE version_id = ?",
-                  (json.dumps({}), v0.id))
+    catalog_sql(store.root, "INSERT INTO entries (version_id, path, digest, size, ref, blob, xxh128, extra) "
+                "SELECT version_id, 'x', digest, size, ref, blob, xxh128, ? FROM entries WHERE version_id = ?",
+                (json.dumps({}), v0.id))
     trees = []
     for threshold in (10**9, 0):
         monkeypatch.setattr(VFS, "LAZY_THRESHOLD", threshold)

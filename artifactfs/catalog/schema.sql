@@ -1,4 +1,5 @@
--- artifactfs catalog schema, version 3. Applied once to a new catalog; the version lives in
+-- artifactfs catalog schema, version 4: what every host of a store shares (host.sql holds the
+-- rest). Applied once to a new catalog; the version lives in
 -- PRAGMA user_version. Idempotent: every statement uses IF NOT EXISTS.
 
 -- One row per artifact name.
@@ -51,30 +52,6 @@ CREATE TABLE IF NOT EXISTS aliases (
     version_id  INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
     PRIMARY KEY (artifact_id, alias)
 ) WITHOUT ROWID;
-
--- Stat cache: lets a re-log of an unchanged file skip hashing it.
-CREATE TABLE IF NOT EXISTS stat_cache (
-    dev         INTEGER NOT NULL,         -- st_dev of the source file
-    ino         INTEGER NOT NULL,         -- st_ino
-    size        INTEGER NOT NULL,         -- st_size when hashed
-    mtime_ns    INTEGER NOT NULL,         -- st_mtime_ns when hashed
-    ctime_ns    INTEGER NOT NULL,         -- st_ctime_ns when hashed
-    blake3      TEXT NOT NULL,            -- content digest
-    xxh128      TEXT NOT NULL,            -- base64 XXH128
-    md5         TEXT,                     -- base64 MD5 (W&B's digest of file references), NULL
-                                          -- when it was not computed
-    PRIMARY KEY (dev, ino)
-) WITHOUT ROWID;
-
--- Running daemons that mount this store (for zero-copy download); liveness checked by pid.
-CREATE TABLE IF NOT EXISTS mounts (
-    mountpoint  TEXT PRIMARY KEY,         -- absolute path of the mount
-    pid         INTEGER NOT NULL,         -- daemon process id
-    artifact    TEXT,                     -- NAME:vN for a single-version mount, NULL for the whole store
-    started_at  REAL NOT NULL,            -- unix time the mount became ready
-    seen_generation INTEGER NOT NULL DEFAULT 0 -- catalog generation whose deletions this daemon
-                                          -- has handled (pinned open files): gc waits for it
-);
 
 -- Single-row counters.
 CREATE TABLE IF NOT EXISTS meta (

@@ -1,0 +1,190 @@
+"""The catalog: artifacts, versions, entries and aliases, which every host of a store shares.
+
+`Catalog` is the protocol the rest of artifactfs talks to; nothing of SQL crosses it. Its
+methods are whole operations (commit a log, delete a version, collect garbage under the write
+lock, a snapshot for the view, a directory's children) or plain reads. `SQLiteCatalog` (the file
+`<root>/catalog.db`) implements it today; PostgreSQL will be another implementation of the same
+protocol, checked by the same contract tests (tests/test_catalog_contract.py).
+
+What belongs to one machine only (the stat cache keyed by device and inode, the mounts of its
+daemons) lives in `HostDB` (`<root>/host.db`), never in the shared catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NewType, Protocol, TypeVar
+
+__all__ = ["Catalog", "EntryRow", "VersionRow", "VersionId", "ArtifactSnap", "Snapshot", "LogCommit",
+           "RawEntry", "StatKey", "open_catalog"]
+
+VersionId = NewType("VersionId", int)
+StatKey = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+T = TypeVar("T")
+
+
+class EntryRow(NamedTuple):
+    """One manifest entry as stored."""
+
+    path: str
+    digest: str
+    size: int | None
+    ref: str | None
+    blob: str | None
+    xxh128: str | None
+    extra: dict[str, Any]
+    kind: str = "file"  # "file", "symlink" or "directory"
+    executable: bool = False
+    target: str | None = None  # a symlink's target
+
+
+class RawEntry(NamedTuple):
+    """An entry as stored, nothing parsed (fsck's view: a malformed field is its to report)."""
+
+    path: str
+    digest: str
+    size: int | None
+    ref: str | None
+    blob: str | None
+    extra: str
+    kind: str
+    executable: int
+    target: str | None
+
+
+class VersionRow(NamedTuple):
+    id: VersionId
+    name: str
+    type: str
+    idx: int  # N of v<N> (not `index`, which would shadow tuple.index)
+    digest: str
+    description: str | None
+    metadata: dict[str, Any]
+    created_at: float
+    n_entries: int
+    total_size: int
+
+
+@dataclass(frozen=True)
+class ArtifactSnap:
+    """What a mount shows of one artifact: versions by index and aliases to indexes."""
+
+    name: str
+    versions: dict[int, tuple[VersionId, float]] = field(default_factory=dict)  # index -> (id, created_at)
+    aliases: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    artifacts: dict[str, ArtifactSnap]
+    deleted_generation: int = 0  # the generation of the last delete (mounts acknowledge it)
+
+
+@dataclass(frozen=True)
+class LogCommit:
+    """What one log commits: a new version (unless `digest` is the latest's) and alias moves."""
+
+    name: str
+    type: str
+    digest: str
+    description: str | None
+    metadata: dict[str, Any]
+    created_at: float
+    entries: list[EntryRow]
+    aliases: list[str]  # besides "latest", which a new version always takes
+
+
+class Catalog(Protocol):
+    """The shared catalog. Reads see committed data; each write method is one transaction."""
+
+    @property
+    def label(self) -> str:
+        """How messages name it ("catalog /srv/store/catalog.db")."""
+        ...
+
+    def close(self) -> None: ...
+
+    # -- reads ----------------------------------------------------------------------------------
+    def generation(self) -> int:
+        """A counter every change a mount must show bumps."""
+        ...
+
+    def deleted_generation(self) -> int:
+        """The generation of the last delete (mounts acknowledge it before gc collects)."""
+        ...
+
+    def snapshot(self) -> Snapshot: ...
+    def artifact_names(self) -> list[str]: ...
+    def artifact_exists(self, name: str) -> bool: ...
+    def version_by_index(self, name: str, index: int) -> VersionRow | None: ...
+    def version_by_alias(self, name: str, alias: str) -> VersionRow | None: ...
+    def version_by_id(self, vid: int) -> VersionRow | None: ...
+    def versions_of(self, name: str) -> list[VersionRow]: ...
+    def aliases_of(self, vid: int) -> list[str]: ...
+    def latest_digest(self, name: str) -> str | None: ...
+    def entries(self, vid: int) -> list[EntryRow]: ...
+
+    def iter_entries(self, vid: int) -> Iterator[EntryRow]:
+        """A version's entries in path order (bytewise), streamed."""
+        ...
+
+    def entry(self, vid: int, path: str) -> EntryRow | None: ...
+    def entries_under(self, vid: int, prefix: str, limit: int | None = None) -> list[EntryRow]: ...
+
+    def dir_children(self, vid: int, prefix: str) -> Iterator[EntryRow | str]:
+        """The immediate children of directory `prefix` ("" or "a/b/"): an EntryRow per entry,
+        the name (str) of each subdirectory that only its entries imply, in path order."""
+        ...
+
+    def referenced_blobs(self) -> set[str]: ...
+    def versions_using_blob(self, oid: str) -> list[str]: ...
+
+    # -- whole operations -----------------------------------------------------------------------
+    def commit_log(self, c: LogCommit, ensure_blobs: Callable[[], None]) -> VersionId:
+        """Commit a log: the latest version when `c.digest` is its digest (with the new
+        aliases), else a new version with `c.entries`, after `ensure_blobs` has run inside the
+        transaction (it re-writes a blob gc took). The id of the version."""
+        ...
+
+    def set_alias(self, vid: int, alias: str) -> None:
+        """Point `alias` at version `vid` (moved from another version); NotFound if it is gone."""
+        ...
+
+    def remove_alias(self, artifact: str, alias: str) -> bool: ...
+
+    def delete_version(self, vid: int, *, delete_aliases: bool) -> None:
+        """Remove a version; `latest` moves to the newest left. Refused (ArtifactFSError) while
+        it holds other aliases unless `delete_aliases`; NotFound if it is gone."""
+        ...
+
+    def collect(self, fn: Callable[[Callable[[], set[str]]], T]) -> T:
+        """Run `fn(referenced)` holding the write lock, so no log commits a reference to a blob
+        gc is deleting; `referenced()` gives the blob ids versions refer to."""
+        ...
+
+    # -- for fsck: the rows as stored ----------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What the database's own check finds ([] for none)."""
+        ...
+
+    def version_list(self) -> list[VersionRow]:
+        """Every version, with its raw counts; a malformed metadata field reads as {}."""
+        ...
+
+    def raw_entries(self, vid: int) -> list[RawEntry]: ...
+
+    def alias_list(self) -> list[tuple[str, str, int | None]]:
+        """(artifact name, alias, v<N> it names or None when that is no version of the artifact)."""
+        ...
+
+
+def open_catalog(root: str, *, create: bool, host: Any = None) -> Catalog:
+    """The catalog of the store at `root` (today always SQLite: `<root>/catalog.db`). `host`
+    (the store's HostDB) takes what an older catalog kept of this host's state."""
+    import os
+
+    from .sqlite import SQLiteCatalog
+
+    return SQLiteCatalog(os.path.join(root, "catalog.db"), create=create, host=host)
