@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from . import names
-from .blobstore import hash_file
+from .digests import hash_file
 from .errors import InvalidName
 from .leases import pid_alive
 from .manifest import Manifest, ManifestEntry, symlink_digest

@@ -29,11 +29,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .errors import ArtifactFSError, one_line
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["mount_command", "umount_command", "sd_notify", "setup_logging", "check_mountpoint",
            "fuse_problem"]
@@ -491,6 +494,7 @@ class _Daemon:
         self.stopping = False  # a signal asked us to unmount
         self.registered = False
         self.label: str | None = None  # NAME:vN of a single-version mount
+        self.store: Store | None = None  # open while the daemon runs
 
     def run(self) -> int:
         import pyfuse3
@@ -510,7 +514,9 @@ class _Daemon:
                 v = store.artifact(self.artifact)  # an alias is resolved once, now
                 version = VersionInfo(v.id, v.name, v.index, v.created_at.timestamp())
                 self.label = f"{v.name}:v{v.index}"
-            vfs = VFS(store, version=version, verify_blobs=self.verify_reads, watch=watcher.watch)
+            vfs = VFS(store.catalog, store.blobs, version=version, verify_blobs=self.verify_reads,
+                      watch=watcher.watch, space_of=store.root)
+            self.store = store
             watcher.start(vfs.mark_in_doubt)
             vfs.apply_snapshot(store.catalog.snapshot())
             if version is not None:
@@ -581,7 +587,8 @@ class _Daemon:
             pyfuse3.terminate()
             return
         _set_read_ahead(st.st_dev)
-        store = ops.vfs.store
+        store = self.store
+        assert store is not None
         try:
             await trio.to_thread.run_sync(store.register_mount, self.mountpoint, os.getpid(), self.label,
                                           ops.acked)

@@ -23,6 +23,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from .blobs import Reader
 from .errors import ArtifactFSError, NotFound
 from .manifest import Manifest, ManifestEntry
 from .references import Fingerprint, fingerprint
@@ -35,50 +36,75 @@ PROTOCOL = "artifactfs"
 _VERSIONS_KEPT = 32  # manifests (and their directory indexes) kept per filesystem
 
 
-class _CheckedRaw(io.FileIO):
-    """A referenced file served in place: after every read its fingerprint must still be the one
-    it was verified at, else EIO (as the mount does), never other bytes."""
+class _ReaderRaw(io.RawIOBase):
+    """A blob's Reader as a seekable raw file. For a referenced file served in place (`good`
+    set), its fingerprint must still be the one it was verified at after every read, else EIO
+    (as the mount does), never other bytes."""
 
-    def __init__(self, fd: int, good: Fingerprint) -> None:
-        super().__init__(fd, "rb", closefd=True)
+    def __init__(self, reader: Reader, good: Fingerprint | None) -> None:
+        super().__init__()
+        self.reader = reader
         self.good = good
+        self.pos = 0
 
-    def readinto(self, b: Any) -> int | None:
-        n = super().readinto(b)
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.reader.readinto(memoryview(b).cast("B"), self.pos)
         self.check()
+        self.pos += n
         return n
 
-    def read(self, size: int | None = -1) -> bytes:
-        data = super().read(size)
+    def pread(self, n: int, offset: int) -> bytes:
+        buf = bytearray(max(0, min(n, self.reader.size - offset)))
+        got = self.reader.readinto(memoryview(buf), offset) if buf else 0
         self.check()
-        return data
+        return bytes(buf[:got])
 
-    def readall(self) -> bytes:
-        data = super().readall()
-        self.check()
-        return data
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.reader.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def fileno(self) -> int:
+        """The blob's own descriptor, for callers that mmap or pread it: only when the blob is
+        the whole file (a range of a larger one would read the wrong bytes)."""
+        if self.reader.base != 0:
+            raise io.UnsupportedOperation("a blob stored in a larger file has no descriptor of its own")
+        return self.reader.fd
 
     def check(self) -> None:
-        if fingerprint(os.fstat(self.fileno())) != self.good:
+        if self.good is not None and fingerprint(os.fstat(self.reader.fd)) != self.good:
             raise OSError(errno.EIO, "the referenced file changed while it was open")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.reader.close()
+        super().close()
 
 
 class ArtifactFile(io.BufferedReader):
-    """A read-only file of an artifact version: a buffered reader on its blob (or verified
-    referenced file), with `size`."""
+    """A read-only file of an artifact version: buffered reads of its blob's Reader (or of a
+    verified referenced file), with `size`."""
 
-    def __init__(self, fd: int, path: str, good: Fingerprint | None = None) -> None:
-        super().__init__(io.FileIO(fd, "rb", closefd=True) if good is None else _CheckedRaw(fd, good))
+    def __init__(self, reader: Reader, path: str, good: Fingerprint | None = None) -> None:
+        self._rr = _ReaderRaw(reader, good)
+        super().__init__(self._rr)
         self.path = path
-        self.size = os.fstat(fd).st_size
+        self.size = reader.size
 
     def pread(self, n: int, offset: int) -> bytes:
         """Up to n bytes at offset, without moving the file position (checked like read)."""
-        data = os.pread(self.fileno(), n, offset)
-        raw = self.raw
-        if isinstance(raw, _CheckedRaw):
-            raw.check()
-        return data
+        return self._rr.pread(n, offset)
 
     def __del__(self) -> None:
         # Callers such as pyarrow's FSSpecHandler drop files without closing them; like fsspec's
@@ -234,10 +260,10 @@ class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise _read_only(path)
         ver, e = self._file(path)
         try:
-            fd, good = ver.v._open_verified(e)
+            reader, good = ver.v._open_verified(e)
         except NotFound as exc:
             raise FileNotFoundError(errno.ENOENT, str(exc), path) from None
-        return ArtifactFile(fd, self._strip_protocol(path), good)
+        return ArtifactFile(reader, self._strip_protocol(path), good)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """The bytes of a file, or of [start, end) of it (negative: from the end), by pread."""

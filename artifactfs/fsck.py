@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .blobstore import hash_file, is_oid
 from .catalog import RawEntry, VersionRow
+from .digests import is_oid
 from .errors import CatalogError, InvalidName
 from .ingest import Meter, Progress
 from .manifest import ManifestEntry, manifest_digest
@@ -111,19 +111,19 @@ class Fsck:
     def check_blobs(self, repair: bool) -> None:
         """Every referenced blob exists and its content matches its name; others are garbage."""
         referenced = self.cat.referenced_blobs()
-        present = {oid: st for oid, st in self.store.blobs.iter_blobs()}
+        present = {b.oid: b for b in self.store.blobs.iter_blobs()}
         for oid, st in present.items():
             if oid not in referenced:
                 self.report.garbage_blobs += 1
-                self.report.garbage_bytes += st.st_size
+                self.report.garbage_bytes += st.size
         todo = sorted(referenced)
-        meter = Meter(self.progress, sum(present[o].st_size for o in todo if o in present))
+        meter = Meter(self.progress, sum(present[o].size for o in todo if o in present))
         for oid in todo:
             if oid not in present:
                 self._damage("missing-blob", f"blob {oid} is missing", oid, self.cat.versions_using_blob(oid))
                 continue
             try:
-                got = hash_file(self.store.blobs.path(oid), count=meter.add).digest
+                got = self.store.blobs.hash_blob(oid, count=meter.add).digest
             except OSError as e:
                 self._damage("unreadable-blob", f"blob {oid}: {e.strerror}", oid, self.cat.versions_using_blob(oid))
                 continue

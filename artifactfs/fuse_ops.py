@@ -291,7 +291,7 @@ class Operations(pyfuse3.Operations):
         """Close descriptors the kernel did not release (at unmount)."""
         for h in [*self._files.values(), *self._pinned.values()]:
             try:
-                os.close(h.fd)
+                h.close()
             except OSError:
                 pass
         self._files.clear()
@@ -317,7 +317,7 @@ class Operations(pyfuse3.Operations):
                     # Not open anywhere (an open file holds its inode): no read can come.
                     h = self._files.pop(ino, None) or self._pinned.pop(ino, None)
                     if h is not None:
-                        os.close(h.fd)
+                        h.close()
         except Exception:
             log.exception("unexpected error in forget")
 
@@ -396,7 +396,7 @@ class Operations(pyfuse3.Operations):
             # Into one reused buffer rather than a fresh bytes object of up to 1 MiB per request
             # (no allocation on the read path). Safe to share: nothing awaits between this
             # pread and pyfuse3 copying the reply into the kernel.
-            n = os.preadv(h.fd, (buf[:size],), off)
+            n = h.reader.readinto(buf[:size], off)
             data = buf[:n]
             if h.ref is not None or n < size:
                 self.vfs.read_check(h, off, size, data)
@@ -421,7 +421,7 @@ class Operations(pyfuse3.Operations):
             return h
         old = self._files.pop(fh, None)
         if old is not None:
-            os.close(old.fd)  # a reference whose file changed: resolve it again
+            old.close()  # a reference whose file changed: resolve it again
         node = self.vfs.node(ino)
         try:
             h = self.vfs.open(node, may_hash=False)
@@ -429,12 +429,12 @@ class Operations(pyfuse3.Operations):
             # A reference in doubt (or --verify-reads): hash it off the trio thread.
             h = await trio.to_thread.run_sync(functools.partial(self.vfs.open, node, may_hash=True))
             if fh in self._files:  # another read opened it meanwhile
-                os.close(h.fd)
+                h.close()
                 return self._files[fh]
         if len(self._files) >= DESCRIPTOR_CACHE:
             # First in, first out: no bookkeeping on the hot path. No read is using it: reads
             # never await between taking a descriptor and their pread.
-            os.close(self._files.pop(next(iter(self._files))).fd)
+            self._files.pop(next(iter(self._files))).close()
         self._files[fh] = h
         return h
 
@@ -442,7 +442,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: FileHandleT) -> None:
         h = self._files.pop(fh, None)
         if h is not None:
-            os.close(h.fd)
+            h.close()
 
     # -- extended attributes and statfs ----------------------------------------------------
 
@@ -459,7 +459,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self.vfs.store.root)  # type: ignore[attr-defined]
+        st = os.statvfs(self.vfs.space_of)
         s = pyfuse3.StatvfsData()
         s.f_bsize = st.f_bsize
         s.f_frsize = st.f_frsize

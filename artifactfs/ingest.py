@@ -14,9 +14,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .blobstore import BlobStore, Hashes, Holder, hash_file
+from .blobs import BlobBackend, Holder
 from .catalog import StatKey
 from .catalog.host import HostDB
+from .digests import Hashes, hash_file
 from .errors import ArtifactFSError
 from .references import fingerprint as stat_key
 
@@ -80,7 +81,7 @@ class FileChanged(ArtifactFSError):
     """A source file changed while it was being logged."""
 
 
-def ingest(jobs: list[Job], blobs: BlobStore, host: HostDB, *, lease: Holder | None = None,
+def ingest(jobs: list[Job], blobs: BlobBackend, host: HostDB, *, lease: Holder | None = None,
            progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
     """Hash (and store) every job's file; results in job order. Progress is in bytes.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import names
-from .blobstore import hash_fd
+from .digests import hash_fd
 from .errors import ArtifactFSError, InvalidName, NotFound, ReferenceError_
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, check_link_target, resolve_link
 

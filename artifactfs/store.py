@@ -17,10 +17,13 @@ from typing import Any
 
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, Symlink
-from .blobstore import BlobStore, Count, Digest, copy_fd, hash_file, is_oid, reflink
+from .blobs import BlobBackend, FileReader, Reader
+from .blobs.local import LocalBlobs
 from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
+from .digests import Count, Digest, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
+from .files import copy_fd, copy_range, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
 from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
@@ -53,6 +56,7 @@ def default_root() -> str:
 
 # How long gc waits for live mounts to acknowledge the last delete (they poll every 0.5 s).
 MOUNT_ACK_TIMEOUT = 10.0
+GC_BATCH = 256  # blobs a backend is asked to delete at once
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,10 @@ class Store:
         root_dir = _store_dir(self.root, create)
         self.host = HostDB(root_dir, create=create)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
-        self.blobs = BlobStore(self.root)
+        local = LocalBlobs(self.root)
         if create:
-            self.blobs.ensure()
+            local.ensure()
+        self.blobs: BlobBackend = local
         self.leases_dir = os.path.join(self.root, "leases")
 
     def __repr__(self) -> str:
@@ -363,31 +368,25 @@ class Store:
         listing = list(self.blobs.iter_blobs())
         referenced = referenced_blobs()
         held = held_blobs(self.leases_dir, remove_dead=not dry_run)
-        candidates = [(oid, st) for oid, st in listing
-                      if oid not in referenced and oid not in held and st.st_mtime < cutoff]
-        meter = Meter(progress, sum(st.st_size for _, st in candidates))
+        candidates = [b for b in listing if b.oid not in referenced and b.oid not in held and b.mtime < cutoff]
+        meter = Meter(progress, sum(b.size for b in candidates))
         freed: list[str] = []
         nbytes = 0
-        for oid, st in candidates:
-            if not dry_run:
-                try:
-                    self.blobs.remove(oid)
-                except FileNotFoundError:
-                    continue
-            freed.append(oid)
-            nbytes += st.st_size
-            meter.add(st.st_size)
+        size = {b.oid: b.size for b in candidates}
+        for i in range(0, len(candidates), GC_BATCH):
+            batch = [b.oid for b in candidates[i:i + GC_BATCH]]
+            gone = batch if dry_run else self.blobs.remove_many(batch)
+            freed += gone
+            done = sum(size[o] for o in gone)
+            nbytes += done
+            meter.add(done)
         meter.finish()
         ntemp = 0
-        for path, st in self.blobs.iter_temp():
+        for t in self.blobs.iter_temp():
             # A temp file of a live writer (its PID leads the name) is work in progress.
-            if st.st_mtime < cutoff and not pid_alive(_temp_owner(path)):
-                if not dry_run:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        continue
-                ntemp += 1
+            if t.mtime < cutoff and not pid_alive(t.owner):
+                if dry_run or self.blobs.remove_temp(t.name):
+                    ntemp += 1
         return GCReport(len(freed), nbytes, ntemp, dry_run, freed, behind)
 
     def fsck(self, repair: bool = False, progress: Progress | None = None, *, references: bool = False) -> Any:
@@ -481,12 +480,6 @@ def _check_tree_shape(paths: list[str], empty_dirs: set[str]) -> set[str]:
     return dirs & empty_dirs
 
 
-def _temp_owner(path: str) -> int:
-    """The PID in a blob temp file's name (`<pid>-<thread>-<n>.tmp`), or 0 if it has none."""
-    head = os.path.basename(path).split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
-
-
 class ArtifactVersion:
     """A logged, immutable version of an artifact (the W&B `Artifact` after logging)."""
 
@@ -551,12 +544,14 @@ class ArtifactVersion:
         path = names.check_entry_path(name)
         e = self.get_path(path if path.endswith(".json") else path + ".json")
         target = self._followed(e)
-        fd, fp = self._open_verified(target)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
-            if fp is not None and fingerprint(os.fstat(fd)) != fp:
+        reader, fp = self._open_verified(target)
+        try:
+            data = reader.read_all()
+            if fp is not None and fingerprint(os.fstat(reader.fd)) != fp:
                 raise DigestMismatch(f"{self.qualified_name}/{target.path}: the referenced file changed while "
                                      "it was read")
+        finally:
+            reader.close()
         return json.loads(data)
 
     # -- reading ------------------------------------------------------------------------------
@@ -580,8 +575,8 @@ class ArtifactVersion:
                            "of this version")
         return t
 
-    def _open_verified(self, e: ManifestEntry) -> tuple[int, Fingerprint | None]:
-        """A descriptor holding exactly the logged bytes of the file entry `e`, and for a
+    def _open_verified(self, e: ManifestEntry) -> tuple[Reader, Fingerprint | None]:
+        """A Reader of exactly the logged bytes of the file entry `e`, and for a
         checksummed reference served in place the fingerprint a reader must find unchanged
         after reading (None when the bytes cannot change: a blob).
 
@@ -594,7 +589,7 @@ class ArtifactVersion:
             raise ArtifactFSError(f"{self.qualified_name}/{e.path} is a {e.kind}, not a file")
         if e.blob is not None:
             try:
-                return os.open(blobs.path(e.blob), os.O_RDONLY | os.O_CLOEXEC), None
+                return blobs.open(e.blob), None
             except FileNotFoundError:
                 raise ArtifactFSError(f"{self.qualified_name}/{e.path}: blob {e.blob} is missing from the store; "
                                       "run `artifactfs fsck`") from None
@@ -602,12 +597,13 @@ class ArtifactVersion:
         if local is None:
             raise ArtifactFSError(f"entry {e.path!r} is a tracked reference ({e.ref}); its bytes are not here")
         if not e.is_checked_content:
-            return os.open(local, os.O_RDONLY | os.O_CLOEXEC), None  # served as it is now, by design
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)  # served as it is now, by design
+            return FileReader(fd, os.fstat(fd).st_size), None
         got = open_checked_ref(local, e.digest, logged_fingerprint(e.extra))
         if got is not None:
-            return got
+            return FileReader(got[0], os.fstat(got[0]).st_size), got[1]
         if is_oid(e.digest) and blobs.has(e.digest):
-            return os.open(blobs.path(e.digest), os.O_RDONLY | os.O_CLOEXEC), None
+            return blobs.open(e.digest), None
         raise DigestMismatch(f"{self.qualified_name}/{e.path}: referenced file {local} changed since it was logged")
 
     def _download_entry(self, e: ManifestEntry, root: str | None) -> str:
@@ -652,13 +648,13 @@ class ArtifactVersion:
             target = local_path_of(e.ref or "") or e.ref or ""
             _replace_with_symlink(target, dest)
             return
-        fd, _fp = self._open_verified(e)  # a reference's copy is re-hashed below
+        reader, _fp = self._open_verified(e)  # a reference's copy is re-hashed below
         try:
             # A reference may change while it is copied: the copy is checked (a blob never changes).
             check = e.digest if e.is_checked_content and e.blob is None else None
-            _copy_readonly(fd, dest, mode=e.mode, expect=check, count=meter.add if meter else None)
+            _copy_readonly(reader, dest, mode=e.mode, expect=check, count=meter.add if meter else None)
         finally:
-            os.close(fd)
+            reader.close()
 
     def download(self, root: str | None = None, progress: Progress | None = None) -> str:
         """A directory holding the version's files: the mount's when one is live, else a copy
@@ -739,7 +735,15 @@ class ArtifactVersion:
                 if bool(st.st_mode & 0o111) != e.executable:
                     bad.append(f"{e.path}: its executable bit differs")
             elif e.blob is not None:
-                path = self._store.blobs.path(e.blob)
+                try:
+                    got = self._store.blobs.hash_blob(e.blob, count=meter.add).digest
+                except FileNotFoundError:
+                    bad.append(f"{e.path}: blob missing")
+                    continue
+                if got != e.digest:
+                    bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")
+                    self._store.blobs.mark_suspect(e.blob)
+                continue
             elif e.is_checked_content:
                 path = local_path_of(e.ref or "") or ""
             else:
@@ -755,8 +759,6 @@ class ArtifactVersion:
                 continue
             if got != e.digest:
                 bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")
-                if root is None and e.blob is not None:
-                    self._store.blobs.mark_suspect(e.blob)
         meter.finish()
         if bad:
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -821,19 +823,22 @@ def _replace_with_symlink(target: str, dest: str) -> None:
 _link_counter = itertools.count()
 
 
-def _copy_readonly(fd_in: int, dest: str, *, mode: int = 0o444, expect: str | None = None,
+def _copy_readonly(reader: Reader, dest: str, *, mode: int = 0o444, expect: str | None = None,
                    count: Count | None = None) -> None:
-    """Reflink or copy fd_in to dest through a fresh temp file in dest's directory (rename
-    replaces a symlink at dest instead of following it); the result has `mode` (no write bit)."""
+    """Reflink or copy a Reader's bytes to dest through a fresh temp file in dest's directory
+    (rename replaces a symlink at dest instead of following it); the result has `mode`."""
     _clear_dir(dest)
     fd_out, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".artifactfs-", suffix=".tmp")
     try:
         try:
-            if reflink(fd_in, fd_out) == 0:
+            whole = reader.base == 0 and os.fstat(reader.fd).st_size == reader.size
+            if whole and reflink(reader.fd, fd_out) == 0:
                 if count is not None:
-                    count(os.fstat(fd_out).st_size)
+                    count(reader.size)
+            elif whole:
+                copy_fd(reader.fd, fd_out, count=count)
             else:
-                copy_fd(fd_in, fd_out, count=count)
+                copy_range(reader.fd, reader.base, reader.size, fd_out, count=count)
         finally:
             os.close(fd_out)
         if expect is not None and hash_file(tmp).digest != expect:

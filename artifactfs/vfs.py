@@ -29,8 +29,8 @@ from typing import NamedTuple, TypeAlias
 
 import xxhash
 
-from .blobstore import hash_fd
-from .catalog import EntryRow, Snapshot, VersionId
+from .blobs import BlobBackend, FileReader, Reader
+from .catalog import Catalog, EntryRow, Snapshot, VersionId
 from .errors import InvalidName, NotFound
 from .references import Fingerprint, fingerprint, holds_digest, local_path_of, logged_fingerprint
 from .tree import DIRECTORY, SYMLINK, check_link_target
@@ -237,14 +237,23 @@ class Invalidation:
 
 
 class OpenFile:
-    """An open descriptor and what `read` needs to check it."""
+    """An open file of the view: its bytes (a blob's Reader, or a referenced file's) and what
+    `read` needs to check it."""
 
-    __slots__ = ("fd", "size", "ref")
+    __slots__ = ("reader", "size", "ref")
 
-    def __init__(self, fd: int, size: int, ref: RefFile | None) -> None:
-        self.fd = fd
+    def __init__(self, reader: Reader, size: int, ref: RefFile | None) -> None:
+        self.reader = reader
         self.size = size
         self.ref = ref  # set for references: the watcher may mark them changed while open
+
+    @property
+    def fd(self) -> int:
+        """The local descriptor holding the bytes (a reference's is the referenced file)."""
+        return self.reader.fd
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 # -- the view -----------------------------------------------------------------------------------
@@ -277,12 +286,12 @@ class VFS:
     """The tree a mount shows. Not thread-safe except where noted: fuse_ops calls it from the
     trio thread; `build` and `mark_in_doubt` may run in other threads."""
 
-    def __init__(self, store: object, *, version: VersionInfo | None = None,
+    def __init__(self, catalog: Catalog, blobs: BlobBackend, *, version: VersionInfo | None = None,
                  verify_blobs: bool = False, uid: int | None = None, gid: int | None = None,
-                 watch: Callable[[str], None] | None = None) -> None:
-        self.store = store
-        self.catalog = store.catalog  # type: ignore[attr-defined]
-        self.blobs = store.blobs  # type: ignore[attr-defined]
+                 watch: Callable[[str], None] | None = None, space_of: str = "/") -> None:
+        self.catalog = catalog
+        self.blobs = blobs
+        self.space_of = space_of  # a path on the store's filesystem, for statfs
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.verify_blobs = verify_blobs
@@ -344,10 +353,10 @@ class VFS:
 
     def refresh_needed(self) -> bool:
         """True when the catalog changed since the last `apply_snapshot` (one cheap query)."""
-        return self.catalog.generation() != self.generation  # type: ignore[no-any-return]
+        return self.catalog.generation() != self.generation
 
     def snapshot(self) -> Snapshot:
-        return self.catalog.snapshot()  # type: ignore[no-any-return]
+        return self.catalog.snapshot()
 
     def apply_snapshot(self, snap: Snapshot) -> Invalidation:
         """Rebuild the top layer from `snap`; return what the kernel must forget."""
@@ -852,17 +861,16 @@ class VFS:
         raise OSError(errno.EINVAL, "not a regular file")
 
     def _open_blob(self, oid: str, n: File, may_hash: bool) -> OpenFile:
-        path = self.blobs.path(oid)
+        if self.verify_blobs and oid not in self._verified_blobs and not may_hash:
+            raise NeedsHash()
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            reader = self.blobs.open(oid)
         except FileNotFoundError:
             log.error("%s: blob %s is missing from the store (run `artifactfs fsck`)", self.entry_label(n), oid)
             raise OSError(errno.EIO, "blob missing") from None
         if self.verify_blobs and oid not in self._verified_blobs:
             try:
-                if not may_hash:
-                    raise NeedsHash()
-                got = hash_fd(fd).digest
+                got = self.blobs.hash_blob(oid).digest
                 if got != oid:
                     log.error("%s: blob %s is corrupt (content hashes to %s); refusing it (EIO)",
                               self.entry_label(n), oid, got)
@@ -870,9 +878,9 @@ class VFS:
                     raise OSError(errno.EIO, "corrupt blob")
                 self._verified_blobs.add(oid)
             except BaseException:
-                os.close(fd)
+                reader.close()
                 raise
-        return OpenFile(fd, n.size, None)
+        return OpenFile(reader, n.size, None)
 
     def _open_ref(self, n: RefFile, may_hash: bool) -> OpenFile:
         label_done = False
@@ -890,19 +898,20 @@ class VFS:
                 log.error("%s: reference %s is not a local file", self.entry_label(n), n.ref)
                 raise OSError(errno.EIO, "reference unavailable")
             n.in_doubt = False  # served as it is now: this descriptor is now
-            return OpenFile(fd, os.fstat(fd).st_size, n)
+            size = os.fstat(fd).st_size
+            return OpenFile(FileReader(fd, size), size, n)
         try:
             if fd >= 0:
                 fp = fingerprint(os.fstat(fd))
                 if fp == n.good and not n.in_doubt:
-                    return OpenFile(fd, n.size, n)
+                    return OpenFile(FileReader(fd, n.size), n.size, n)
                 if fp != n.bad or n.in_doubt:
                     if not may_hash:
                         raise NeedsHash()
                     n.in_doubt = False  # cleared before hashing: a change during the hash re-arms it
                     if holds_digest(fd, n.digest, fp):
                         n.good = fp
-                        return OpenFile(fd, n.size, n)
+                        return OpenFile(FileReader(fd, n.size), n.size, n)
                     n.bad = fp
                 else:
                     label_done = True  # already reported for this very state of the file

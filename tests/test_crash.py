@@ -104,9 +104,9 @@ SETUP = {"log": "v0", "log_new": "v0", "relog_same": "v0", "set_alias": "v0v1", 
 
 CHILD_MAIN = r'''
 cfg = json.loads(sys.argv[1])
-import artifactfs.blobstore
+import artifactfs.blobs.local
 import artifactfs.ingest
-from artifactfs.blobstore import BlobStore
+from artifactfs.blobs.local import LocalBlobs as BlobStore
 
 artifactfs.ingest.default_workers = lambda: 1  # one ingest thread: the k-th call is the same each run
 
@@ -216,8 +216,8 @@ def wrap(owner, attr, kind):
 
 
 wrap(BlobStore, "sync", "sync")
-wrap(BlobStore, "remove", "remove-blob")
-wrap(artifactfs.blobstore, "copy_fd", "copy-large")
+wrap(BlobStore, "remove_many", "remove-blob")
+wrap(artifactfs.blobs.local, "copy_fd", "copy-large")
 
 
 def arm():
@@ -294,7 +294,7 @@ MOMENTS = [
     Moment("delete-latest-moved", "delete", "sql", target="INSERT INTO aliases"),
     Moment("delete-committed", "delete", "sql", target="COMMIT", committed=True),
     # gc
-    Moment("gc-first-blob-removed", "gc", "remove-blob", k=1),
+    Moment("gc-first-blobs-removed", "gc", "remove-blob", k=1),  # gc removes in batches
     Moment("gc-temp-file-removed", "gc", "unlink-tmp", k=1),
     Moment("gc-commit-before", "gc", "sql", when="before", target="COMMIT"),
 ]

@@ -52,7 +52,7 @@ class FakeReaddir:
 def ops(store: Store) -> Operations:
     log_files(store, "ds", {"a.txt": b"one\n", "sub/b.bin": b"\x00" * 5000}, aliases=("best",))
     log_files(store, "ds", {"a.txt": b"two\n", **{f"many/f{i:03}": b"%d" % i for i in range(50)}})
-    vfs = VFS(store)
+    vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
     return Operations(vfs, invalidator=FakeInvalidator(), openless=False)  # type: ignore[arg-type]
 
@@ -351,7 +351,7 @@ async def test_debug_traces_each_request(ops: Operations, caplog: pytest.LogCapt
 def openless(store: Store) -> Operations:
     log_files(store, "ds", {"a.txt": b"one\n", "sub/b.bin": b"\x00" * 5000})
     log_files(store, "ds", {"a.txt": b"two\n", **{f"many/f{i:03}": b"%d" % i for i in range(50)}})
-    vfs = VFS(store)
+    vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
     acks: list[int] = []
     ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, ack=acks.append)  # type: ignore[arg-type]
@@ -436,7 +436,7 @@ async def _ds(ops: Operations) -> int:
 async def test_openless_pins_no_more_than_the_budget(store: Store, caplog: pytest.LogCaptureFixture) -> None:
     log_files(store, "ds", {f"f{i}": b"x%d" % i for i in range(10)})
     log_files(store, "ds", {"other": b"o"})
-    vfs = VFS(store)
+    vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
     ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, pin_budget=4)  # type: ignore[arg-type]
     for i in range(10):

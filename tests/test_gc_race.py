@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs import Artifact, ArtifactFSError, Store
-from artifactfs.blobstore import BlobStore
+from artifactfs.blobs.local import LocalBlobs as BlobStore
 
 
 def draft(data_dir: Path, name: str = "ds") -> Artifact:
@@ -91,8 +91,8 @@ def test_blobs_collected_before_the_log_held_them_are_written_again(
     def sync_then_lose_a_blob() -> None:
         orig()
         if not gone:
-            oid, _st = next(iter(store.blobs.iter_blobs()))
-            store.blobs.remove(oid)  # as that gc would
+            oid = next(iter(store.blobs.iter_blobs())).oid
+            store.blobs.remove_many([oid])  # as that gc would
             gone.append(oid)
 
     monkeypatch.setattr(store.blobs, "sync", sync_then_lose_a_blob)
@@ -161,7 +161,7 @@ def test_an_artifact_reference_whose_blob_vanished_before_the_commit_is_refused(
     def sync_then_lose_it() -> None:
         orig()
         if store.blobs.has(oid):
-            store.blobs.remove(oid)  # the one window a lease leaves, forced
+            store.blobs.remove_many([oid])  # the one window a lease leaves, forced
 
     monkeypatch.setattr(store.blobs, "sync", sync_then_lose_it)
     art = Artifact("derived", type="dataset")
@@ -281,7 +281,7 @@ def test_every_surviving_version_verifies_after_loggers_raced_gc(stressed, open_
 PAUSED_LOG = r'''
 import os, signal, sys, time
 from artifactfs import Artifact, Store
-from artifactfs.blobstore import BlobStore
+from artifactfs.blobs.local import LocalBlobs as BlobStore
 root, src, ready, go, how = sys.argv[1:6]
 orig = BlobStore.sync
 

@@ -29,7 +29,7 @@ from artifactfs.vfs import (
 
 
 def make_vfs(store: Store, **kw: Any) -> VFS:
-    v = VFS(store, **kw)
+    v = VFS(store.catalog, store.blobs, **kw)
     v.apply_snapshot(store.catalog.snapshot())
     return v
 
@@ -155,7 +155,7 @@ def test_inode_collisions_get_distinct_numbers(two_versions: Store, monkeypatch:
 
 
 def test_collision_resolution_rehashes_with_a_counter(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    v = VFS(store)
+    v = VFS(store.catalog, store.blobs)
     monkeypatch.setattr(vfs_mod.xxhash, "xxh3_64_intdigest", lambda k: 1234 if b"#" not in k else 99 + len(k))
     first = v._new_ino(b"key-a")
     v._inodes[first] = Dir(first, b"x", None, None)
@@ -173,7 +173,7 @@ def test_xattrs_hold_digest_and_ref(two_versions: Store, tmp_path: Path) -> None
 
 def test_single_version_mode_puts_the_version_at_the_root(two_versions: Store) -> None:
     av = two_versions.artifact("ds:best")
-    v = VFS(two_versions, version=VersionInfo(av.id, av.name, av.index, av.created_at.timestamp()))
+    v = VFS(two_versions.catalog, two_versions.blobs, version=VersionInfo(av.id, av.name, av.index, av.created_at.timestamp()))
     v.apply_snapshot(two_versions.catalog.snapshot())
     assert sorted(n.name for n in v.listing(ROOT_INODE)) == [b"a.txt", b"sub"]
     assert read_all(v, walk(v, "a.txt")) == b"one\n"

@@ -48,11 +48,11 @@ def big(store: Store) -> Store:
 
 
 def test_lazy_tree_equals_the_whole_build(big: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = VFS(big)
+    whole = VFS(big.catalog, big.blobs)
     whole.apply_snapshot(big.catalog.snapshot())
     expected = tree_of(whole)
     monkeypatch.setattr(VFS, "LAZY_THRESHOLD", 0)
-    lazy = VFS(big)
+    lazy = VFS(big.catalog, big.blobs)
     lazy.apply_snapshot(big.catalog.snapshot())
     assert tree_of(lazy) == expected
     assert len([p for p in expected if p.startswith("big/v0/many/")]) == 1000
@@ -60,7 +60,7 @@ def test_lazy_tree_equals_the_whole_build(big: Store, monkeypatch: pytest.Monkey
 
 def test_lazy_version_loads_only_the_directories_looked_at(big: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(VFS, "LAZY_THRESHOLD", 0)
-    v = VFS(big)
+    v = VFS(big.catalog, big.blobs)
     v.apply_snapshot(big.catalog.snapshot())
     vr = v.lookup(v.lookup(ROOT_INODE, b"big").ino, b"v0")
     a = v.lookup(vr.ino, b"a")
@@ -84,7 +84,7 @@ def test_file_and_directory_of_one_name_keep_the_file_in_both_modes(store: Store
     trees = []
     for threshold in (10**9, 0):
         monkeypatch.setattr(VFS, "LAZY_THRESHOLD", threshold)
-        v = VFS(store)
+        v = VFS(store.catalog, store.blobs)
         v.apply_snapshot(store.catalog.snapshot())
         trees.append(tree_of(v))
     assert trees[0] == trees[1]

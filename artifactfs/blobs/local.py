@@ -1,11 +1,11 @@
-"""The blob store: immutable files named by the blake3-256 hex digest of their content.
+"""Blobs on a local filesystem: immutable files named by the blake3-256 hex digest of their content.
 
 Layout: ``<root>/blobs/<oid[:2]>/<oid>``, mode 0444, never modified once in place.
 Temporary files live in ``<root>/blobs/tmp/`` (same filesystem, so ``os.replace`` is atomic)
 and carry the writer's PID in their name, so gc can tell a live writer's file from debris.
 
 Durability: a put renames its blob into place without an fsync of its own; the caller makes a
-batch of puts durable with one :meth:`BlobStore.sync` (``syncfs`` of the store's filesystem)
+batch of puts durable with one :meth:`LocalBlobs.sync` (``syncfs`` of the store's filesystem)
 before the catalog transaction that refers to them commits. That keeps the invariant "no
 version refers to a blob that is not on disk" at the cost of one sync per log instead of one
 per file (an fsync per small blob made ingest 2.6x slower here).
@@ -13,102 +13,25 @@ per file (an fsync per small blob made ingest 2.6x slower here).
 
 from __future__ import annotations
 
-import base64
-import ctypes
-import errno
-import fcntl
-import hashlib
 import itertools
 import os
-import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import NamedTuple, NewType, Protocol
+from collections.abc import Iterable, Iterator
 
-import blake3
-import xxhash
+from ..digests import Count, Digest, Hashes, hash_bytes, hash_fd, hash_file, is_oid
+from ..errors import DigestMismatch, maybe_full
+from ..files import CANNOT_CLONE, Halves, copy_fd, read_all, reflink, syncfs, unlink_quietly
+from . import BlobInfo, FileReader, Holder, PutResult, TempInfo
 
-from .errors import DigestMismatch, maybe_full
+__all__ = ["LocalBlobs", "SMALL_FILE", "FSYNC_MAX"]
 
-Digest = NewType("Digest", str)  # blake3-256 hex: the identity of content
-
-CHUNK = 1 << 20
-COPY_STEP = 64 << 20  # copy_file_range per call when progress is shown
 SMALL_FILE = 8 << 20  # files up to this size are read whole: one read feeds hashes and the copy
 FSYNC_MAX = 64  # up to this many blobs per log: fsync each; more: one syncfs
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _counter = itertools.count()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
-Count = Callable[[int], None]  # told how many more bytes were read (progress)
-
-
-class Hashes(NamedTuple):
-    """The digests of some content, from one pass over it."""
-
-    digest: Digest  # blake3 hex: the identity
-    xxh128: str     # base64 of the 16 XXH128 digest bytes, as W&B writes it
-    size: int
-    md5: str | None = None  # base64 MD5 (W&B's digest of file references), when asked for
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    """What a put learned about the content it stored."""
-
-    oid: Digest
-    xxh128: str
-    size: int
-    written: bool  # False when the blob was already present (dedup)
-    md5: str | None = None
-
-
-def b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
-
-
-def hash_bytes(data: bytes | memoryview, *, md5: bool = False) -> Hashes:
-    """The digests of a buffer."""
-    return Hashes(Digest(blake3.blake3(data).hexdigest()), b64(xxhash.xxh3_128(data).digest()), len(data),
-                  b64(hashlib.md5(data, usedforsecurity=False).digest()) if md5 else None)
-
-
-def hash_file(path: str | os.PathLike[str], *, md5: bool = False, count: Count | None = None) -> Hashes:
-    """The digests and size of a file, in one pass."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return hash_fd(fd, md5=md5, count=count)
-    finally:
-        os.close(fd)
-
-
-def syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding `fd` (data and directory entries)."""
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-_OID = re.compile(r"[0-9a-f]{64}")
-
-
-def is_oid(name: str) -> bool:
-    # A regex: a generator over the characters cost a third of a re-log's time.
-    return _OID.fullmatch(name) is not None
-
-
-class Holder(Protocol):
-    """Makes blob ids known to gc before the blobs are written or reused (a log's lease)."""
-
-    def hold(self, oid: str) -> None: ...
-
-    def hold_many(self, oids: Iterable[str]) -> None: ...
-
-
-class BlobStore:
-    """Content-addressed files under ``<root>/blobs``."""
+class LocalBlobs:
+    """Content-addressed files under ``<root>/blobs`` (a `BlobBackend`)."""
 
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(root, "blobs")
@@ -154,7 +77,7 @@ class BlobStore:
         """Forget blobs written again (the file is rewritten whole, or removed when empty)."""
         left = self.suspects() - oids
         if not left:
-            _unlink_quietly(self._suspect_file)
+            unlink_quietly(self._suspect_file)
             return
         tmp = self._tmp_name()
         with open(tmp, "w") as f:
@@ -169,6 +92,17 @@ class BlobStore:
 
     def has(self, oid: str) -> bool:
         return os.path.exists(self.path(oid))
+
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        # A stat each: a local filesystem answers that faster than a listing of the fan-out.
+        return {o for o in oids if self.has(o)}
+
+    def open(self, oid: str) -> FileReader:
+        fd = os.open(self.path(oid), os.O_RDONLY | os.O_CLOEXEC)
+        return FileReader(fd, os.fstat(fd).st_size)
+
+    def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
+        return hash_file(self.path(oid), count=count)
 
     def size_of(self, oid: str) -> int | None:
         """The size of a present blob, or None when it is missing."""
@@ -231,7 +165,7 @@ class BlobStore:
                 os.close(fd)
             written = self._install(tmp, h.digest, replace=replace)
         except OSError as e:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise maybe_full(e) from e
         return PutResult(h.digest, h.xxh128, h.size, written, h.md5)
 
@@ -277,7 +211,7 @@ class BlobStore:
         try:
             before = os.fstat(fd_in)
             if before.st_size <= SMALL_FILE:
-                res = self.put_bytes(_read_all(fd_in, before.st_size), clone_from=fd_in, src_dev=before.st_dev,
+                res = self.put_bytes(read_all(fd_in, before.st_size), clone_from=fd_in, src_dev=before.st_dev,
                                      lease=lease, md5=md5, replace=replace)
                 if count is not None:
                     count(res.size)
@@ -291,7 +225,7 @@ class BlobStore:
                    replace: bool) -> PutResult:
         tmp = self._tmp_name()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        halves = _Halves(count)  # two passes over the bytes: each counts for half
+        halves = Halves(count)  # two passes over the bytes: each counts for half
         try:
             # A reflink shares extents: no bytes move, and our copy cannot change under us.
             if self._reflink(fd_in, src_dev, fd):
@@ -312,7 +246,7 @@ class BlobStore:
         finally:
             if fd >= 0:
                 os.close(fd)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
 
     def sync(self) -> None:
         """Make every blob put or reused since the last sync durable.
@@ -343,12 +277,15 @@ class BlobStore:
             finally:
                 os.close(fd)
 
-    def verify(self, oid: str) -> bool:
-        """Re-hash a blob; True when its content matches its name."""
-        return hash_file(self.path(oid)).digest == oid
-
-    def remove(self, oid: str) -> None:
-        os.unlink(self.path(oid))
+    def remove_many(self, oids: Iterable[str]) -> list[str]:
+        gone = []
+        for oid in oids:
+            try:
+                os.unlink(self.path(oid))
+            except FileNotFoundError:
+                continue  # another gc took it
+            gone.append(oid)
+        return gone
 
     def quarantine(self, oid: str) -> str:
         """Move a corrupt blob aside (never delete evidence) and return its new path."""
@@ -357,8 +294,8 @@ class BlobStore:
         os.replace(self.path(oid), dest)
         return dest
 
-    def iter_blobs(self) -> Iterator[tuple[str, os.stat_result]]:
-        """Yield (oid, stat) of every blob file; stray names are skipped."""
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob file; stray names are skipped."""
         try:
             prefixes = os.scandir(self.dir)
         except FileNotFoundError:
@@ -374,9 +311,10 @@ class BlobStore:
                                 st = f.stat(follow_symlinks=False)
                             except FileNotFoundError:
                                 continue  # removed meanwhile (another gc)
-                            yield f.name, st
+                            yield BlobInfo(f.name, st.st_size, st.st_mtime)
 
-    def iter_temp(self) -> Iterator[tuple[str, os.stat_result]]:
+    def iter_temp(self) -> Iterator[TempInfo]:
+        """Temp files of puts in progress, or of writers that died (`<pid>-<thread>-<n>.tmp`)."""
         try:
             it = os.scandir(self.tmpdir)
         except FileNotFoundError:
@@ -387,111 +325,14 @@ class BlobStore:
                     st = f.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # renamed into place or removed meanwhile
-                yield f.path, st
+                head = f.name.split("-", 1)[0]
+                yield TempInfo(f.name, int(head) if head.isdigit() else 0, st.st_mtime)
 
-
-# What FICLONE answers when the filesystems cannot clone at all (as against one file's trouble).
-CANNOT_CLONE = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
-
-
-def reflink(src_fd: int, fd: int) -> int:
-    """Share src_fd's extents into fd (FICLONE): 0 when done, else the errno it failed with."""
-    try:
-        fcntl.ioctl(fd, FICLONE, src_fd)
-        return 0
-    except OSError as e:
-        return e.errno or errno.EIO
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, max(size, CHUNK))
-        if not b:
-            break
-        chunks.append(b)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def copy_fd(fd_in: int, fd_out: int, *, count: Count | None = None) -> None:
-    """Copy a whole file kernel-side (copy_file_range), else with read/write."""
-    step = COPY_STEP if count is not None else 1 << 30
-    os.lseek(fd_in, 0, os.SEEK_SET)
-    done = 0
-    try:
-        while n := os.copy_file_range(fd_in, fd_out, step):
-            done += n
-            if count is not None:
-                count(n)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    os.lseek(fd_in, 0, os.SEEK_SET)
-    os.lseek(fd_out, 0, os.SEEK_SET)
-    os.ftruncate(fd_out, 0)
-    if count is not None and done:
-        count(-done)  # starting over
-    while True:
-        b = os.read(fd_in, CHUNK)
-        if not b:
-            break
-        os.write(fd_out, b)
-        if count is not None:
-            count(len(b))
-
-
-class _Halves:
-    """Progress of two passes over the same bytes (copy, then hash): each byte counts half."""
-
-    __slots__ = ("count", "a", "b", "told")
-
-    def __init__(self, count: Count | None) -> None:
-        self.count = count
-        self.a = self.b = self.told = 0
-
-    def first(self, n: int) -> None:
-        self.a += n
-        self._tell()
-
-    def second(self, n: int) -> None:
-        self.b += n
-        self._tell()
-
-    def _tell(self) -> None:
-        if self.count is not None:
-            now = (self.a + self.b) // 2
-            self.count(now - self.told)
-            self.told = now
-
-
-def hash_fd(fd: int, *, md5: bool = False, count: Count | None = None) -> Hashes:
-    """Hash a whole open file from offset 0; large files use blake3's threads."""
-    big = os.fstat(fd).st_size > 16 * CHUNK
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO if big else 1)
-    xx = xxhash.xxh3_128()
-    m5 = hashlib.md5(usedforsecurity=False) if md5 else None
-    size = 0
-    buf = bytearray(4 * CHUNK if big else CHUNK)
-    view = memoryview(buf)
-    os.lseek(fd, 0, os.SEEK_SET)
-    while True:
-        n = os.readv(fd, [buf])
-        if not n:
-            break
-        b3.update(view[:n])
-        xx.update(view[:n])
-        if m5 is not None:
-            m5.update(view[:n])
-        size += n
-        if count is not None:
-            count(n)
-    return Hashes(Digest(b3.hexdigest()), b64(xx.digest()), size, b64(m5.digest()) if m5 is not None else None)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
+    def remove_temp(self, name: str) -> bool:
+        if os.sep in name or name in (".", ".."):
+            raise ValueError(f"not a temp file name: {name!r}")
+        try:
+            os.unlink(os.path.join(self.tmpdir, name))
+            return True
+        except FileNotFoundError:
+            return False

@@ -1,0 +1,175 @@
+"""Blobs: immutable content named by its blake3 digest, behind a small `BlobBackend` protocol.
+
+`LocalBlobs` (files under `<root>/blobs/`) implements it today; an S3 bucket with a host cache,
+and pack files of small blobs, will be more implementations (or wrappers) of the same protocol,
+checked by the same contract tests (tests/test_blobs_contract.py). Nothing of a local path
+crosses the protocol: a blob is opened as a `Reader`, which the read path calls; for a local
+file it is a `pread` on a descriptor (zero-copy consumers such as reflink and copy_file_range
+use that descriptor and its base offset).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from ..digests import Count, Digest, Hashes
+
+__all__ = ["BlobBackend", "Reader", "FileReader", "BlobInfo", "TempInfo", "PutResult", "Holder"]
+
+
+class Reader(Protocol):
+    """An open blob: `size` bytes at offset `base` of the local descriptor `fd`."""
+
+    fd: int
+    base: int
+    size: int
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Read into `buf` from `offset` of the blob (a short count only at its end)."""
+        ...
+
+    def read_all(self) -> bytes:
+        """The whole blob (for small ones: a JSON object, a manifest)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileReader:
+    """A Reader over a local file: the whole file (base 0: its end is the blob's end, and one
+    `preadv` is all a read costs), or `size` bytes of it from `base`."""
+
+    __slots__ = ("fd", "base", "size")
+
+    def __init__(self, fd: int, size: int, base: int = 0) -> None:
+        self.fd = fd
+        self.base = base
+        self.size = size
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        if self.base:
+            if offset >= self.size:
+                return 0
+            if offset + len(buf) > self.size:
+                buf = buf[:self.size - offset]
+            return os.preadv(self.fd, (buf,), self.base + offset)
+        return os.preadv(self.fd, (buf,), offset)
+
+    def read_all(self) -> bytes:
+        """The whole blob (for small ones: a JSON object, a manifest)."""
+        buf = bytearray(self.size)
+        view = memoryview(buf)
+        done = 0
+        while done < self.size:
+            n = self.readinto(view[done:], done)
+            if n == 0:
+                break
+            done += n
+        return bytes(view[:done])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlobInfo(NamedTuple):
+    """What a listing says of one blob."""
+
+    oid: str
+    size: int
+    mtime: float  # when it was written (gc's optional grace period)
+
+
+class TempInfo(NamedTuple):
+    """A temp file of a put in progress (or of a writer that died)."""
+
+    name: str
+    owner: int  # the writer's PID (0 when the name has none)
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a put learned about the content it stored."""
+
+    oid: Digest
+    xxh128: str
+    size: int
+    written: bool  # False when the blob was already present (dedup)
+    md5: str | None = None
+
+
+class Holder(Protocol):
+    """Makes blob ids known to gc before the blobs are written or reused (a log's lease)."""
+
+    def hold(self, oid: str) -> None: ...
+
+    def hold_many(self, oids: Iterable[str]) -> None: ...
+
+
+class BlobBackend(Protocol):
+    """Where blobs live. Puts are made durable by `sync()`, which a log calls before the catalog
+    commit that names them; every put holds its blob in `lease` before it can be found."""
+
+    # -- existence and reading -----------------------------------------------------------------
+    def has(self, oid: str) -> bool: ...
+
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ones present (in bulk: a listing or one request, as the backend finds cheaper)."""
+        ...
+
+    def size_of(self, oid: str) -> int | None:
+        """The size of a present blob, or None when it is missing."""
+        ...
+
+    def open(self, oid: str) -> Reader:
+        """The blob, to read; FileNotFoundError when it is missing."""
+        ...
+
+    def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
+        """Re-hash a present blob (fsck, verify); FileNotFoundError when it is missing."""
+        ...
+
+    # -- writing ---------------------------------------------------------------------------------
+    def put_bytes(self, data: bytes | memoryview, *, clone_from: int | None = None, src_dev: int = -1,
+                  lease: Holder | None = None, md5: bool = False, replace: bool = False) -> PutResult: ...
+
+    def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
+                      count: Count | None = None,
+                      replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
+        """Store a copy of the local file `src`; also its fstat before and after (a change check)."""
+        ...
+
+    def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,
+                 replace: bool = False) -> PutResult: ...
+
+    def mark_unsynced(self, oids: Iterable[str]) -> None:
+        """Have the next sync() make these present blobs durable too."""
+        ...
+
+    def sync(self) -> None:
+        """Make every blob put or reused since the last sync durable."""
+        ...
+
+    # -- listing and removing (gc, fsck) ----------------------------------------------------------
+    def iter_blobs(self) -> Iterator[BlobInfo]: ...
+
+    def remove_many(self, oids: Iterable[str]) -> list[str]:
+        """Delete blobs; the ones that were there to delete."""
+        ...
+
+    def iter_temp(self) -> Iterator[TempInfo]: ...
+    def remove_temp(self, name: str) -> bool: ...
+
+    def quarantine(self, oid: str) -> str:
+        """Move a corrupt blob aside (never delete evidence); where it went."""
+        ...
+
+    # -- blobs found corrupt, for the next log of their source to write again ---------------------
+    def mark_suspect(self, oid: str) -> None: ...
+    def suspects(self) -> set[str]: ...
+    def clear_suspects(self, oids: set[str]) -> None: ...

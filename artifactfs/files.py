@@ -1,0 +1,132 @@
+"""Local file primitives: reflink clones, kernel-side copies, filesystem syncs, whole reads."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+
+from .digests import CHUNK, Count
+
+__all__ = ["reflink", "CANNOT_CLONE", "copy_fd", "copy_range", "Halves", "syncfs", "read_all", "unlink_quietly",
+           "COPY_STEP"]
+
+COPY_STEP = 64 << 20  # copy_file_range per call when progress is shown
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding `fd` (data and directory entries)."""
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# What FICLONE answers when the filesystems cannot clone at all (as against one file's trouble).
+CANNOT_CLONE = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
+
+
+def reflink(src_fd: int, fd: int) -> int:
+    """Share src_fd's extents into fd (FICLONE): 0 when done, else the errno it failed with."""
+    try:
+        fcntl.ioctl(fd, FICLONE, src_fd)
+        return 0
+    except OSError as e:
+        return e.errno or errno.EIO
+
+
+def read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, max(size, CHUNK))
+        if not b:
+            break
+        chunks.append(b)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def copy_fd(fd_in: int, fd_out: int, *, count: Count | None = None) -> None:
+    """Copy a whole file kernel-side (copy_file_range), else with read/write."""
+    step = COPY_STEP if count is not None else 1 << 30
+    os.lseek(fd_in, 0, os.SEEK_SET)
+    done = 0
+    try:
+        while n := os.copy_file_range(fd_in, fd_out, step):
+            done += n
+            if count is not None:
+                count(n)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    os.lseek(fd_in, 0, os.SEEK_SET)
+    os.lseek(fd_out, 0, os.SEEK_SET)
+    os.ftruncate(fd_out, 0)
+    if count is not None and done:
+        count(-done)  # starting over
+    while True:
+        b = os.read(fd_in, CHUNK)
+        if not b:
+            break
+        os.write(fd_out, b)
+        if count is not None:
+            count(len(b))
+
+
+def copy_range(fd_in: int, offset: int, size: int, fd_out: int, *, count: Count | None = None) -> None:
+    """Copy `size` bytes at `offset` of fd_in to the start of fd_out, kernel-side where it can."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fd_in, fd_out, min(size - done, COPY_STEP), offset + done, done)
+            if not n:
+                break
+            done += n
+            if count is not None:
+                count(n)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < size:
+        b = os.pread(fd_in, min(size - done, CHUNK), offset + done)
+        if not b:
+            break
+        os.pwrite(fd_out, b, done)
+        done += len(b)
+        if count is not None:
+            count(len(b))
+
+
+class Halves:
+    """Progress of two passes over the same bytes (copy, then hash): each byte counts half."""
+
+    __slots__ = ("count", "a", "b", "told")
+
+    def __init__(self, count: Count | None) -> None:
+        self.count = count
+        self.a = self.b = self.told = 0
+
+    def first(self, n: int) -> None:
+        self.a += n
+        self._tell()
+
+    def second(self, n: int) -> None:
+        self.b += n
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.count is not None:
+            now = (self.a + self.b) // 2
+            self.count(now - self.told)
+            self.told = now
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
