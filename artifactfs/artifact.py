@@ -23,7 +23,7 @@ from .digests import hash_file
 from .errors import InvalidName
 from .leases import pid_alive
 from .manifest import Manifest, ManifestEntry, symlink_digest
-from .references import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
+from .refs import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
 from .tree import DIRECTORY, SYMLINK, walk_tree
 
 __all__ = ["Artifact"]

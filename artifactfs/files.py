@@ -9,8 +9,20 @@ import os
 
 from .digests import CHUNK, Count
 
-__all__ = ["reflink", "CANNOT_CLONE", "copy_fd", "copy_range", "Halves", "syncfs", "read_all", "unlink_quietly",
-           "COPY_STEP"]
+__all__ = ["fingerprint", "Fingerprint", "FINGERPRINT_FIELDS", "reflink", "CANNOT_CLONE", "copy_fd", "copy_range",
+           "Halves", "syncfs", "read_all", "unlink_quietly", "COPY_STEP"]
+
+# What a file's stat must still say for what we know of its content to hold (the stat cache's
+# key; a checksummed reference's fingerprint).
+Fingerprint = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+FINGERPRINT_FIELDS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+
+
+def fingerprint(st: os.stat_result) -> Fingerprint:
+    """The stat fingerprint of a file: also the stat cache's key. ctime is in it because a file
+    rewritten at the same size with its mtime put back still gets a new ctime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 COPY_STEP = 64 << 20  # copy_file_range per call when progress is shown
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)

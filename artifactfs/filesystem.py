@@ -25,8 +25,8 @@ from fsspec import AbstractFileSystem
 
 from .blobs import Reader
 from .errors import ArtifactFSError, NotFound
+from .files import Fingerprint, fingerprint
 from .manifest import Manifest, ManifestEntry
-from .references import Fingerprint, fingerprint
 from .store import ArtifactVersion, Store
 from .tree import DIRECTORY, FILE, SYMLINK
 

@@ -18,7 +18,8 @@ from .errors import CatalogError, InvalidName
 from .ingest import Meter, Progress
 from .manifest import ManifestEntry, manifest_digest
 from .names import check_entry_path
-from .references import catalog_lookup, local_path_of, logged_fingerprint, open_checked_ref
+from .refs.artifact import catalog_lookup
+from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .tree import DIRECTORY, FILE, SYMLINK, check_link_target, link_problem
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from .catalog import StatKey
 from .catalog.host import HostDB
 from .digests import Hashes, hash_file
 from .errors import ArtifactFSError
-from .references import fingerprint as stat_key
+from .files import fingerprint as stat_key
 
 # Told (bytes done, bytes in all) as long work goes on; from any thread, at most ~20 times a second.
 Progress = Callable[[int, int], None]

@@ -23,21 +23,13 @@ from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_c
 from .catalog.host import HostDB
 from .digests import Count, Digest, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
-from .files import copy_fd, copy_range, reflink
+from .files import FINGERPRINT_FIELDS, Fingerprint, copy_fd, copy_range, fingerprint, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
 from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
-from .references import (
-    FINGERPRINT_FIELDS,
-    FileRef,
-    Fingerprint,
-    Tracked,
-    fingerprint,
-    local_path_of,
-    logged_fingerprint,
-    open_checked_ref,
-    resolve_artifact_ref,
-)
+from .refs import FileRef, Tracked
+from .refs.artifact import resolve_artifact_ref
+from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]

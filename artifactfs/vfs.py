@@ -32,7 +32,8 @@ import xxhash
 from .blobs import BlobBackend, FileReader, Reader
 from .catalog import Catalog, EntryRow, Snapshot, VersionId
 from .errors import InvalidName, NotFound
-from .references import Fingerprint, fingerprint, holds_digest, local_path_of, logged_fingerprint
+from .files import Fingerprint, fingerprint
+from .refs.file import holds_digest, local_path_of, logged_fingerprint
 from .tree import DIRECTORY, SYMLINK, check_link_target
 
 __all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",

@@ -111,7 +111,11 @@ class Mount:
             if is_mounted(self.path):
                 try:
                     os.listdir(self.path)  # a listing always reaches the daemon: it answers
-                    return
+                    # ... and it has registered the mount with the store (gc waits for
+                    # registered mounts only): it logs "mounted" after that, as
+                    # `artifactfs mount` in the background returns only then.
+                    if self.proc is None or "artifactfs: mounted " in self.log_text():
+                        return
                 except OSError as e:
                     if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
                         raise

@@ -19,7 +19,7 @@ from fusehelpers import Mounter, artifactfs_cmd, is_mounted, mounter, require_fu
 from helpers import log_files, run
 
 from artifactfs import Artifact, Store
-from artifactfs.references import file_uri
+from artifactfs.refs.file import file_uri
 
 pytestmark = pytest.mark.fuse
 

@@ -21,7 +21,7 @@ from fusehelpers import Mounter, mounter, wait_until  # noqa: F401
 from mountchurn import Churner, Readers, log_files, read_range
 
 from artifactfs import Artifact, Store
-from artifactfs.references import file_uri
+from artifactfs.refs.file import file_uri
 
 pytestmark = pytest.mark.fuse
 

@@ -27,7 +27,7 @@ from helpers import catalog_sql
 from mountchurn import log_files, read_range, tree_snapshot
 
 from artifactfs import Artifact, Store
-from artifactfs.references import file_uri
+from artifactfs.refs.file import file_uri
 from artifactfs.vfs import link_target
 
 pytestmark = pytest.mark.fuse

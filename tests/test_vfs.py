@@ -14,7 +14,7 @@ from helpers import catalog_sql, log_files
 
 from artifactfs import Artifact, Store
 from artifactfs import vfs as vfs_mod
-from artifactfs.references import file_uri
+from artifactfs.refs.file import file_uri
 from artifactfs.vfs import (
     ROOT_INODE,
     VFS,

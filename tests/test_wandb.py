@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from artifactfs import Artifact, ArtifactFSError, DigestMismatch, NotFound, Store
-from artifactfs.references import file_uri
+from artifactfs.refs.file import file_uri
 
 
 @pytest.fixture
