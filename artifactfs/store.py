@@ -66,17 +66,21 @@ class GCReport:
 class Store:
     """An artifact store rooted at a directory (created on first use)."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True,
+                 blobs: BlobBackend | None = None) -> None:
         """Open the store at `root` (default: see default_root); `create=False` refuses a
-        missing store instead of creating it."""
+        missing store instead of creating it. `blobs` puts the blobs in another backend than
+        files under `root` (the contract tests run the API over MemoryBlobs)."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         root_dir = _store_dir(self.root, create)
         self.host = HostDB(root_dir, create=create)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
-        local = LocalBlobs(self.root)
-        if create:
-            local.ensure()
-        self.blobs: BlobBackend = local
+        if blobs is None:
+            local = LocalBlobs(self.root)
+            if create:
+                local.ensure()
+            blobs = local
+        self.blobs: BlobBackend = blobs
         self.leases_dir = os.path.join(self.root, "leases")
 
     def __repr__(self) -> str:
