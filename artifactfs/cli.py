@@ -293,16 +293,18 @@ def cmd_fsck(store: Store, a: argparse.Namespace) -> int:
 
 
 def cmd_mount(store_root: str, a: argparse.Namespace) -> int:
-    from .daemon import mount_command
+    from .mount.commands import mount_command
 
-    return mount_command(store_root, a.mountpoint, artifact=a.artifact, allow_other=a.allow_other,
-                         foreground=a.foreground, debug=a.debug, verify_reads=a.verify_reads)
+    mount_command(store_root, a.mountpoint, artifact=a.artifact, allow_other=a.allow_other,
+                  foreground=a.foreground, debug=a.debug, verify_reads=a.verify_reads)
+    return 0
 
 
 def cmd_umount(a: argparse.Namespace) -> int:
-    from .daemon import umount_command
+    from .mount.commands import umount_command
 
-    return umount_command(a.mountpoint)
+    umount_command(a.mountpoint)
+    return 0
 
 
 # -- parsing ----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs import daemon
+from artifactfs.mount import commands, daemon, service
+from artifactfs.mount.commands import MountError
 
 
 def record(level: int, msg: str) -> logging.LogRecord:
@@ -19,14 +20,14 @@ def record(level: int, msg: str) -> logging.LogRecord:
 
 
 def test_journal_format_has_priority_prefixes() -> None:
-    f = daemon._Formatter(journal=True)
+    f = service._Formatter(journal=True)
     assert f.format(record(logging.INFO, "mounted x")) == "<6>artifactfs: mounted x"
     assert f.format(record(logging.ERROR, "a\nb")) == "<3>artifactfs: a\n<3>artifactfs: b"
     assert f.format(record(logging.WARNING, "w")) == "<4>artifactfs: w"
 
 
 def test_plain_format_names_non_info_levels() -> None:
-    f = daemon._Formatter(journal=False)
+    f = service._Formatter(journal=False)
     assert f.format(record(logging.INFO, "mounted x")) == "artifactfs: mounted x"
     assert f.format(record(logging.ERROR, "bad")) == "artifactfs: error: bad"
 
@@ -36,13 +37,13 @@ def test_sd_notify_sends_to_the_socket(tmp_path: Path, monkeypatch: pytest.Monke
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(path)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
-        assert daemon.sd_notify("READY=1")
+        assert service.sd_notify("READY=1")
         assert s.recv(100) == b"READY=1"
 
 
 def test_sd_notify_without_socket_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert not daemon.sd_notify("READY=1")
+    assert not service.sd_notify("READY=1")
 
 
 def test_ref_watcher_reports_changed_files(tmp_path: Path) -> None:
@@ -67,12 +68,12 @@ def test_ref_watcher_reports_changed_files(tmp_path: Path) -> None:
 
 
 def test_check_mountpoint_reasons(tmp_path: Path) -> None:
-    assert daemon.check_mountpoint(str(tmp_path / "missing")) == "mountpoint does not exist"
+    assert commands.check_mountpoint(str(tmp_path / "missing")) == "mountpoint does not exist"
     (tmp_path / "f").write_text("x")
-    assert daemon.check_mountpoint(str(tmp_path / "f")) == "mountpoint is not a directory"
-    assert daemon.check_mountpoint(str(tmp_path)) == "mountpoint is not empty"
+    assert commands.check_mountpoint(str(tmp_path / "f")) == "mountpoint is not a directory"
+    assert commands.check_mountpoint(str(tmp_path)) == "mountpoint is not empty"
     (tmp_path / "empty").mkdir()
-    assert daemon.check_mountpoint(str(tmp_path / "empty")) is None
+    assert commands.check_mountpoint(str(tmp_path / "empty")) is None
 
 
 def test_require_fuse_skips_without_fuse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,7 +94,7 @@ def test_require_fuse_fails_instead_of_skipping_when_required(monkeypatch: pytes
         fusehelpers.require_fuse()
 
 
-def test_umount_refuses_a_mount_that_is_not_artifactfs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_umount_refuses_a_mount_that_is_not_artifactfs(tmp_path: Path) -> None:
     """As root, `artifactfs umount` of a tmpfs once unmounted it."""
     import os
     import subprocess
@@ -105,9 +106,8 @@ def test_umount_refuses_a_mount_that_is_not_artifactfs(tmp_path: Path, capsys: p
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mp)], check=True)
     try:
         (mp / "keep.txt").write_text("still here\n")
-        assert daemon.umount_command(str(mp)) == 1
-        err = capsys.readouterr().err
-        assert "a tmpfs mount, not an artifactfs one; nothing was unmounted" in err
+        with pytest.raises(MountError, match="a tmpfs mount, not an artifactfs one; nothing was unmounted"):
+            commands.umount_command(str(mp))
         assert os.path.ismount(mp) and (mp / "keep.txt").read_text() == "still here\n"
     finally:
         subprocess.run(["umount", str(mp)], check=False)
@@ -117,8 +117,8 @@ def test_a_pyfuse3_without_the_patch_gets_one_warning_with_the_cost_and_the_fix(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pyfuse3
 
-    assert daemon.patch_problem() is None  # the patched build scripts/setup-env makes
+    assert commands.patch_problem() is None  # the patched build scripts/setup-env makes
     monkeypatch.delattr(pyfuse3, "OPENLESS_READ_INODE", raising=False)
-    w = daemon.patch_problem()
+    w = commands.patch_problem()
     assert w is not None and "\n" not in w
     assert "0.07-0.16x native" in w and "scripts/setup-env" in w

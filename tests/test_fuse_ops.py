@@ -12,9 +12,11 @@ import pyfuse3
 import pytest
 from helpers import log_files
 
-from artifactfs import DigestMismatch, NotFound, Store, fuse_ops
-from artifactfs.fuse_ops import LONG_TIMEOUT, SHORT_TIMEOUT, Operations
-from artifactfs.vfs import ROOT_INODE, VFS, Invalidation
+from artifactfs import DigestMismatch, NotFound, Store
+from artifactfs.fuse import ops as fuse_ops
+from artifactfs.fuse.handles import Handles
+from artifactfs.fuse.ops import LONG_TIMEOUT, SHORT_TIMEOUT, Operations
+from artifactfs.fuse.view import ROOT_INODE, VFS, Invalidation
 
 CTX: Any = None  # handlers ignore the request context
 
@@ -107,7 +109,7 @@ async def test_lookup_counts_are_kept_and_forgotten(ops: Operations) -> None:
 async def test_open_read_release_returns_the_bytes(ops: Operations) -> None:
     assert await read_file(ops, "ds/v1/a.txt") == b"two\n"
     assert await read_file(ops, "ds/v0/sub/b.bin") == b"\x00" * 5000
-    assert ops._files == {}  # every descriptor closed
+    assert ops.handles.files == {}  # every descriptor closed
 
 
 @pytest.mark.trio
@@ -354,7 +356,8 @@ def openless(store: Store) -> Operations:
     vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
     acks: list[int] = []
-    ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, ack=acks.append)  # type: ignore[arg-type]
+    ops = Operations(vfs, invalidator=FakeInvalidator(),  # type: ignore[arg-type]
+                     handles=Handles(vfs, openless=True, ack=acks.append))
     ops.acks = acks  # type: ignore[attr-defined]
     return ops
 
@@ -378,17 +381,17 @@ async def test_openless_open_answers_enosys_and_read_takes_the_inode(openless: O
 @pytest.mark.trio
 async def test_openless_descriptor_cache_is_bounded_and_forget_closes(openless: Operations,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fuse_ops, "DESCRIPTOR_CACHE", 8)
+    openless.handles.cache_size = 8
     inos = [(await lookup_path(openless, f"ds/v1/many/f{i:03}")).st_ino for i in range(20)]
     for i, ino in enumerate(inos):
         assert await openless.read(ino, 0, 10) == b"%d" % i
-        assert len(openless._files) <= 8
+        assert len(openless.handles.files) <= 8
     for i, ino in enumerate(inos):  # evicted ones open again
         assert await openless.read(ino, 0, 10) == b"%d" % i
-    fds = [h.fd for h in openless._files.values()]
-    kept = next(iter(openless._files))
+    fds = [h.fd for h in openless.handles.files.values()]
+    kept = next(iter(openless.handles.files))
     await openless.forget([(kept, 1)])
-    assert kept not in openless._files
+    assert kept not in openless.handles.files
     closed = [fd for fd in fds if not _fd_open(fd)]
     assert len(closed) == 1
 
@@ -413,7 +416,7 @@ async def test_openless_delete_holds_known_files_acks_then_invalidates(openless:
     store.delete("ds:v0")
     assert await openless.refresh()
     assert openless.acks == [store.catalog.generation()]  # type: ignore[attr-defined]
-    assert openless.acked == store.catalog.generation()
+    assert openless.handles.acked == store.catalog.generation()
     inv = openless.invalidator.calls[-1]  # type: ignore[attr-defined]
     # The known names inside v0, so the kernel asks again (and gets ENOENT), then v0 itself.
     assert (sub.st_ino, b"b.bin") in inv.entries and (v0.st_ino, b"a.txt") in inv.entries
@@ -425,7 +428,7 @@ async def test_openless_delete_holds_known_files_acks_then_invalidates(openless:
     # Once the kernel forgets them (no open file holds them), the descriptors go.
     for ino in (read_before.st_ino, known.st_ino):
         await openless.forget([(ino, openless.vfs.lookup_count(ino))])
-    assert openless._pinned == {}
+    assert openless.handles.pinned == {}
 
 
 async def _ds(ops: Operations) -> int:
@@ -438,13 +441,14 @@ async def test_openless_pins_no_more_than_the_budget(store: Store, caplog: pytes
     log_files(store, "ds", {"other": b"o"})
     vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
-    ops = Operations(vfs, invalidator=FakeInvalidator(), openless=True, pin_budget=4)  # type: ignore[arg-type]
+    ops = Operations(vfs, invalidator=FakeInvalidator(),  # type: ignore[arg-type]
+                     handles=Handles(vfs, openless=True, pin_budget=4))
     for i in range(10):
         await lookup_path(ops, f"ds/v0/f{i}")
     store.delete("ds:v0")
     with caplog.at_level(logging.WARNING):
         await ops.refresh()
-    assert len(ops._pinned) == 4
+    assert len(ops.handles.pinned) == 4
     assert "holding 4 of them open" in caplog.text
 
 
@@ -459,7 +463,7 @@ async def test_openless_failed_acknowledgement_is_retried_at_the_next_poll(openl
             raise OSError(errno.EIO, "catalog busy")
         acks.append(gen)
 
-    openless.ack = ack
+    openless.handles.ack = ack
     await lookup_path(openless, "ds/v0/a.txt")
     store.delete("ds:v0")
     with pytest.raises(OSError):

@@ -27,8 +27,8 @@ from helpers import catalog_sql
 from mountchurn import log_files, read_range, tree_snapshot
 
 from artifactfs import Artifact, Store
+from artifactfs.fuse.view import link_target
 from artifactfs.refs.file import file_uri
-from artifactfs.vfs import link_target
 
 pytestmark = pytest.mark.fuse
 

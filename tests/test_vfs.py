@@ -13,9 +13,8 @@ import pytest
 from helpers import catalog_sql, log_files
 
 from artifactfs import Artifact, Store
-from artifactfs import vfs as vfs_mod
-from artifactfs.refs.file import file_uri
-from artifactfs.vfs import (
+from artifactfs.fuse import view as vfs_mod
+from artifactfs.fuse.view import (
     ROOT_INODE,
     VFS,
     BlobFile,
@@ -26,6 +25,7 @@ from artifactfs.vfs import (
     VersionInfo,
     VersionRoot,
 )
+from artifactfs.refs.file import file_uri
 
 
 def make_vfs(store: Store, **kw: Any) -> VFS:

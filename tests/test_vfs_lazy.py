@@ -9,7 +9,7 @@ import pytest
 from helpers import catalog_sql
 
 from artifactfs import Artifact, Store
-from artifactfs.vfs import ROOT_INODE, VFS, Dir, Link
+from artifactfs.fuse.view import ROOT_INODE, VFS, Dir, Link
 
 # Names chosen to trip a skip scan: '-', '.' and '0' sort around '/' (0x2d, 0x2e, 0x30 vs 0x2f),
 # files share prefixes with directories, deep nesting, unicode, a 1000-entry directory.

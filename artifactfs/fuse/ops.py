@@ -1,10 +1,11 @@
 """The pyfuse3 operations: a protocol adapter only.
 
-Each handler converts inode numbers and file handles to `vfs` nodes, calls into the `VFS`, and
-converts the answer to pyfuse3's types. Errors are mapped in one place (`_boundary`): domain
-errors and `OSError` become `FUSEError(errno)`; any other exception is a bug, which is logged
-with its traceback and answered with EIO, because an exception escaping a handler would end
-pyfuse3's session loop and with it the whole daemon.
+Each handler converts inode numbers and file handles to view nodes, calls into the `VFS` (or,
+for descriptors, the mount's `Handles`), and converts the answer to pyfuse3's types. Errors
+are mapped in one place (`_boundary`): domain errors and `OSError` become `FUSEError(errno)`;
+any other exception is a bug, which is logged with its traceback and answered with EIO,
+because an exception escaping a handler would end pyfuse3's session loop and with it the
+whole daemon.
 
 Files are open-less (with the patched pyfuse3 that scripts/setup-env builds): `open` answers
 ENOSYS once, after which the kernel opens every file by itself, sends no OPEN, FLUSH or RELEASE
@@ -12,7 +13,7 @@ and keeps each file's page cache across opens; `read` gets the inode. A read is 
 lookup (inode -> descriptor, a bounded cache) and a `pread`, inline in the trio thread
 (measured: `trio.to_thread` per read cost up to 2x). Without those requests the daemon does not
 know which files are open, so when a version is deleted it holds a descriptor for every file of
-it the kernel still knows, before acknowledging the delete to gc (see `refresh`).
+it the kernel still knows, before acknowledging the delete to gc (see handles.py).
 With stock pyfuse3, each open gets its own descriptor and the file handle is that descriptor.
 """
 
@@ -29,10 +30,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound
-from .vfs import VFS, Attr, File, Invalidation, NeedsHash, Node, OpenFile, RefFile
+from ..errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound
+from .handles import Handles
+from .view import VFS, Attr, Invalidation, Node, RefFile
 
-__all__ = ["Operations", "Invalidator", "LONG_TIMEOUT", "SHORT_TIMEOUT"]
+__all__ = ["Operations", "Invalidator", "LONG_TIMEOUT", "SHORT_TIMEOUT", "OPENLESS"]
 
 log = logging.getLogger("artifactfs.fuse")
 
@@ -41,9 +43,6 @@ log = logging.getLogger("artifactfs.fuse")
 CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 # ... and passes the inode to read() for a file the kernel opened without an OPEN request.
 OPENLESS = bool(getattr(pyfuse3, "OPENLESS_READ_INODE", False))
-# Open-less mode: descriptors kept for reading, by inode (first in, first out beyond this).
-DESCRIPTOR_CACHE = 1024
-
 InodeT = pyfuse3.InodeT
 FileHandleT = pyfuse3.FileHandleT
 
@@ -161,25 +160,19 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, vfs: VFS, *, debug: bool = False, invalidator: Invalidator | None = None,
-                 openless: bool | None = None, pin_budget: int = 8192,
-                 ack: Callable[[int], None] | None = None) -> None:
+                 openless: bool | None = None, handles: Handles | None = None) -> None:
+        """`handles`: the mount's open files (by default new ones, open-less when `openless`,
+        which defaults to what this pyfuse3 can do)."""
         super().__init__()
         self.vfs = vfs
         self.debug = debug
         self.invalidator = invalidator if invalidator is not None else Invalidator()
-        self.openless = OPENLESS if openless is None else openless
-        # Descriptors by file handle: the descriptor itself (per-open mode) or the inode
-        # (open-less mode, a cache of at most DESCRIPTOR_CACHE).
-        self._files: dict[FileHandleT, OpenFile] = {}
-        # Open-less mode: descriptors of deleted versions' files the kernel still knows (it may
-        # have them open), held until it forgets them. At most pin_budget.
-        self._pinned: dict[InodeT, OpenFile] = {}
+        if handles is None:
+            handles = Handles(vfs, openless=OPENLESS if openless is None else openless)
+        self.handles = handles
+        self.openless = handles.openless
+        self._files = self.handles.files  # the read path's one dictionary lookup
         self._buf = memoryview(bytearray(1 << 20))  # read replies (see read)
-        self.pin_budget = pin_budget
-        # Tells gc that deletes up to a generation are handled (called in a worker thread).
-        self.ack = ack
-        self.acked = vfs.generation  # the daemon registers the mount with this generation
-        self._ack_due = self.acked
         if self.openless:
             vfs.on_change = self.invalidator.drop_pages
         self._dirs: dict[FileHandleT, list[Node]] = {}
@@ -219,83 +212,12 @@ class Operations(pyfuse3.Operations):
         self._build_locks.pop(ino, None)
 
     async def refresh(self) -> bool:
-        """Pick up catalog changes: rebuild the top layer and invalidate what changed.
-
-        The queries run in a worker thread; the rebuild itself in the trio thread, so no handler
-        sees half of it. Returns True when something changed.
-        """
-        if not await trio.to_thread.run_sync(self.vfs.refresh_needed):
-            await self._acknowledge()  # one that failed before
-            return False
-        snap = await trio.to_thread.run_sync(self.vfs.snapshot)
-        inv = self.vfs.apply_snapshot(snap)
-        entries = list(inv.entries)
-        for vr in inv.deleted:
-            known = self.vfs.known_nodes(vr)
-            if self.openless:
-                await self._pin(vr.label, [n for _, _, n in known if isinstance(n, File)])
-            # The kernel may still have names in it cached: make it ask (and get ENOENT), and
-            # let it forget (and us unpin) what no open file holds. Before the version's name.
-            entries[:0] = [(parent, name) for parent, name, _ in known]
-        if snap.deleted_generation > self.acked:
-            self._ack_due = snap.generation
-        failed: BaseException | None = None
-        try:
-            await self._acknowledge()  # first: gc is waiting, and the files are held already
-        except (ArtifactFSError, OSError) as e:
-            failed = e  # retried at the next poll; the kernel must still forget what changed
-        log.debug("catalog generation %d: invalidating %d entries, %d inodes",
-                  snap.generation, len(entries), len(inv.inodes))
-        await self.invalidator.apply(Invalidation(entries, inv.inodes))
-        if failed is not None:
-            raise failed
-        return True
-
-    async def _acknowledge(self) -> None:
-        """Every file of a deleted version that may be open is held: tell gc it may collect."""
-        if self._ack_due > self.acked:
-            if self.ack is not None:
-                await trio.to_thread.run_sync(self.ack, self._ack_due)
-            self.acked = self._ack_due
-
-    async def _pin(self, label: str, files: list[Node]) -> None:
-        """Hold a descriptor for each file of a deleted version the kernel still knows."""
-        todo = []
-        for n in files:
-            h = self._files.pop(n.ino, None)
-            if h is not None:
-                self._pinned[n.ino] = h  # already open: it holds the blob whatever gc does
-            elif n.ino not in self._pinned:
-                todo.append(n)
-        room = max(0, self.pin_budget - len(self._pinned))
-        if len(todo) > room:
-            log.warning("%s was deleted while the kernel knows %d of its files; holding %d of them "
-                        "open (the rest fail to read once gc collects their blobs)", label,
-                        len(todo) + len(self._pinned), room)
-            todo = todo[:room]
-
-        def open_all() -> list[tuple[InodeT, OpenFile]]:
-            got = []
-            for n in todo:
-                try:
-                    got.append((n.ino, self.vfs.open(n, may_hash=True, deleted_ok=True)))
-                except OSError as e:
-                    log.debug("cannot hold %s open: %s", self.vfs.entry_label(n), e)
-            return got
-
-        for ino, h in await trio.to_thread.run_sync(open_all):
-            self._pinned[ino] = h
-        log.debug("%s deleted: holding %d descriptors", label, len(self._pinned))
+        """Pick up catalog changes (see Handles.refresh); True when something changed."""
+        return await self.handles.refresh(self.invalidator.apply)
 
     def close_all(self) -> None:
         """Close descriptors the kernel did not release (at unmount)."""
-        for h in [*self._files.values(), *self._pinned.values()]:
-            try:
-                h.close()
-            except OSError:
-                pass
-        self._files.clear()
-        self._pinned.clear()
+        self.handles.close_all()
         self._dirs.clear()
 
     # -- lookups and attributes ------------------------------------------------------------
@@ -313,11 +235,8 @@ class Operations(pyfuse3.Operations):
         try:
             for ino, n in inode_list:
                 self.vfs.forget(ino, n)
-                if self.openless and self.vfs.lookup_count(ino) == 0:
-                    # Not open anywhere (an open file holds its inode): no read can come.
-                    h = self._files.pop(ino, None) or self._pinned.pop(ino, None)
-                    if h is not None:
-                        h.close()
+                if self.vfs.lookup_count(ino) == 0:
+                    self.handles.forgotten(ino)  # not open anywhere: an open file holds its inode
         except Exception:
             log.exception("unexpected error in forget")
 
@@ -371,12 +290,7 @@ class Operations(pyfuse3.Operations):
             # by itself, keeps their page cache (FOPEN_KEEP_CACHE) and sends no FLUSH/RELEASE.
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.vfs.node(inode)
-        try:
-            h = self.vfs.open(node, may_hash=False)
-        except NeedsHash:
-            # A reference in doubt (or --verify-reads): hash it off the trio thread.
-            h = await trio.to_thread.run_sync(functools.partial(self.vfs.open, node, may_hash=True))
-        self._files[h.fd] = h
+        h = await self.handles.open(node)
         # keep_cache: the bytes of a version file never change, so the page cache survives
         # close and reopen. Not for unchecked references, which are served as they are now.
         # Never direct_io: it breaks MAP_SHARED mmap (numpy memmap, safetensors).
@@ -389,7 +303,7 @@ class Operations(pyfuse3.Operations):
         try:
             h = self._files.get(fh)
             if h is None or (h.ref is not None and self.openless and self.vfs.ref_stale(h)):
-                h = await self._descriptor(fh)
+                h = await self.handles.descriptor(fh)
             buf = self._buf
             if size > len(buf):
                 buf = self._buf = memoryview(bytearray(size))
@@ -411,38 +325,9 @@ class Operations(pyfuse3.Operations):
             log.exception("unexpected error in read(%d, %d, %d); answering EIO", fh, off, size)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def _descriptor(self, fh: FileHandleT) -> OpenFile:
-        """The slow path of read: open (or re-open) the file of inode `fh` (open-less mode)."""
-        if not self.openless:
-            raise OSError(errno.EBADF, "bad file handle")
-        ino = InodeT(fh)
-        h = self._pinned.get(ino)
-        if h is not None:
-            return h
-        old = self._files.pop(fh, None)
-        if old is not None:
-            old.close()  # a reference whose file changed: resolve it again
-        node = self.vfs.node(ino)
-        try:
-            h = self.vfs.open(node, may_hash=False)
-        except NeedsHash:
-            # A reference in doubt (or --verify-reads): hash it off the trio thread.
-            h = await trio.to_thread.run_sync(functools.partial(self.vfs.open, node, may_hash=True))
-            if fh in self._files:  # another read opened it meanwhile
-                h.close()
-                return self._files[fh]
-        if len(self._files) >= DESCRIPTOR_CACHE:
-            # First in, first out: no bookkeeping on the hot path. No read is using it: reads
-            # never await between taking a descriptor and their pread.
-            self._files.pop(next(iter(self._files))).close()
-        self._files[fh] = h
-        return h
-
     @_boundary
     async def release(self, fh: FileHandleT) -> None:
-        h = self._files.pop(fh, None)
-        if h is not None:
-            h.close()
+        self.handles.release(fh)
 
     # -- extended attributes and statfs ----------------------------------------------------
 

@@ -11,7 +11,7 @@ Inode numbers are derived with xxhash from stable keys (the version id and entry
 version trees; the artifact name, alias and target for the top layer), so they survive daemon
 restarts; the rare collision is resolved by re-hashing with a counter.
 
-`fuse_ops.py` translates kernel requests into calls on `VFS`; this module raises domain errors
+`ops.py` translates kernel requests into calls on `VFS`; this module raises domain errors
 (`NotFound`) and `OSError` with the errno the caller should see.
 """
 
@@ -29,17 +29,17 @@ from typing import NamedTuple, TypeAlias
 
 import xxhash
 
-from .blobs import BlobBackend, FileReader, Reader
-from .catalog import Catalog, EntryRow, Snapshot, VersionId
-from .errors import InvalidName, NotFound
-from .files import Fingerprint, fingerprint
-from .refs.file import holds_digest, local_path_of, logged_fingerprint
-from .tree import DIRECTORY, SYMLINK, check_link_target
+from ..blobs import BlobBackend, FileReader, Reader
+from ..catalog import Catalog, EntryRow, Snapshot, VersionId
+from ..errors import InvalidName, NotFound
+from ..files import Fingerprint, fingerprint
+from ..refs.file import holds_digest, local_path_of, logged_fingerprint
+from ..tree import DIRECTORY, SYMLINK, check_link_target
 
 __all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",
            "ArtifactDir", "VersionInfo", "OpenFile", "NeedsHash", "Invalidation", "ROOT_INODE"]
 
-log = logging.getLogger("artifactfs.vfs")
+log = logging.getLogger("artifactfs.fuse")
 
 InodeT: TypeAlias = int
 ROOT_INODE: InodeT = 1  # FUSE's root node id
@@ -284,7 +284,7 @@ def _encode(name: str) -> bytes:
 
 
 class VFS:
-    """The tree a mount shows. Not thread-safe except where noted: fuse_ops calls it from the
+    """The tree a mount shows. Not thread-safe except where noted: ops.py calls it from the
     trio thread; `build` and `mark_in_doubt` may run in other threads."""
 
     def __init__(self, catalog: Catalog, blobs: BlobBackend, *, version: VersionInfo | None = None,
@@ -504,7 +504,7 @@ class VFS:
     LAZY_THRESHOLD = 50_000
 
     def unbuilt(self, ino: InodeT) -> Dir | None:
-        """The directory `ino` if its entries are not loaded yet (fuse_ops loads it in a thread)."""
+        """The directory `ino` if its entries are not loaded yet (ops.py loads it in a thread)."""
         n = self._inodes.get(ino)
         if isinstance(n, Dir) and n.children is None:
             return n
@@ -704,7 +704,7 @@ class VFS:
         return d.parent if d.parent is not None else self.root
 
     def listing(self, ino: InodeT) -> list[Node]:
-        """The entries of a directory, in a stable order (fuse_ops keeps the list per handle)."""
+        """The entries of a directory, in a stable order (ops.py keeps the list per handle)."""
         d = self.node(ino)
         if not isinstance(d, Dir):
             raise OSError(errno.ENOTDIR, "not a directory")
