@@ -148,7 +148,7 @@ class _Version:
         raise FileNotFoundError(errno.ENOENT, "no such file or directory in the version", path)
 
 
-class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]
+class ArtifactFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no types: its base is Any
     """Read-only fsspec access to a store's artifacts (see the module docstring)."""
 
     protocol = PROTOCOL

@@ -145,7 +145,8 @@ class Fsck:
         """Each version's digest is the digest of its entries (no row added, lost or changed)."""
         for label, rows, v in self._each_version():
             # Raw rows: a malformed extra field is check_blob_rows' to report, not a crash here.
-            got = manifest_digest(ManifestEntry(r.path, r.digest, r.size, r.ref, kind=r.kind,  # type: ignore[arg-type]
+            # A raw kind may be none of the three: the digest then differs, which is the finding.
+            got = manifest_digest(ManifestEntry(r.path, r.digest, r.size, r.ref, kind=r.kind,  # type: ignore[arg-type]  # raw str
                                                 executable=bool(r.executable), target=r.target) for r in rows)
             if got != v.digest:
                 self._damage("bad-manifest", f"entries of {label} do not match its manifest digest", None, [label])

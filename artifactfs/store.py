@@ -430,7 +430,7 @@ def _check_links(entries: dict[str, EntryRow], files: list[str]) -> None:
     if not links:
         return
     table: dict[str, tuple[Kind, str | None]] = {p: (FILE, None) for p in files}
-    table.update((p, (e.kind, e.target)) for p, e in entries.items())  # type: ignore[misc]
+    table.update((p, (e.kind, e.target)) for p, e in entries.items())
     lookup = table_lookup(table)
     for e in links:
         assert e.target is not None
@@ -519,7 +519,7 @@ class ArtifactVersion:
                 extra = dict(r.extra)
                 if r.xxh128:
                     extra["xxh128"] = r.xxh128
-                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.kind,  # type: ignore[arg-type]
+                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.kind,
                                                   r.executable, r.target, r.blob, self._download_entry)
             self._manifest = m
         return self._manifest

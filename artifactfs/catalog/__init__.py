@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NewType, Protocol, TypeVar
 
+from ..tree import FILE, Kind
+
 __all__ = ["Catalog", "EntryRow", "VersionRow", "VersionId", "ArtifactSnap", "Snapshot", "LogCommit",
            "RawEntry", "StatKey", "open_catalog"]
 
@@ -34,7 +36,7 @@ class EntryRow(NamedTuple):
     blob: str | None
     xxh128: str | None
     extra: dict[str, Any]
-    kind: str = "file"  # "file", "symlink" or "directory"
+    kind: Kind = FILE  # fsck reports a stored kind that is none of the three
     executable: bool = False
     target: str | None = None  # a symlink's target
 

@@ -4,6 +4,7 @@ pinned)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ from ..errors import InvalidName, NotFound, ReferenceError_
 from ..tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, check_link_target, resolve_link
 
 if TYPE_CHECKING:
-    from ..catalog import Catalog, EntryRow
+    from ..catalog import Catalog, EntryRow, VersionRow
 
 __all__ = ["PendingArtifactRef", "ArtifactHandler", "resolve_artifact_ref", "catalog_lookup"]
 
@@ -49,14 +50,14 @@ def _parse_artifact(uri: str, name: str | None, max_objects: int) -> PendingArti
 
 
 def resolve_artifact_ref(ref: PendingArtifactRef, catalog: Catalog,
-                         find_version: object) -> list[tuple[str, EntryRow]]:
+                         find_version: Callable[[str], VersionRow]) -> list[tuple[str, EntryRow]]:
     """Resolve to (entry path, target row) pairs; `find_version(spec)` returns a VersionRow.
 
     A symlink of the target version means what it points at there: one named on its own is
     replaced by the file it leads to; under a directory prefix it stays a symlink where its
     target is copied too, and is otherwise followed as `cp -L` would (a file's row, or nothing).
     """
-    vrow = find_version(ref.artifact)  # type: ignore[operator]
+    vrow = find_version(ref.artifact)
     if ref.path == "" or ref.path.endswith("/"):
         rows = catalog.entries_under(vrow.id, ref.path) if ref.path else catalog.entries(vrow.id)
         if not rows:
@@ -91,7 +92,7 @@ def catalog_lookup(catalog: Catalog, vid: int) -> Lookup:
     def lookup(p: str) -> tuple[Kind, str | None] | None:
         e = catalog.entry(vid, p)
         if e is not None:
-            return e.kind, e.target  # type: ignore[return-value]  # kind is checked by fsck
+            return e.kind, e.target
         return (DIRECTORY, None) if p == "" or catalog.entries_under(vid, p + "/", limit=1) else None
 
     return lookup

@@ -35,7 +35,8 @@ def logged_fingerprint(extra: dict[str, object]) -> Fingerprint | None:
     if not isinstance(fp, dict):
         return None
     try:
-        return tuple(int(fp[k]) for k in FINGERPRINT_FIELDS)  # type: ignore[return-value]
+        dev, ino, size, mtime_ns, ctime_ns = (int(fp[k]) for k in FINGERPRINT_FIELDS)
+        return dev, ino, size, mtime_ns, ctime_ns
     except (KeyError, TypeError, ValueError):
         return None
 
