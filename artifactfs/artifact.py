@@ -16,15 +16,17 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol, TypeGuard
 
 from . import names
+from .catalog import EntryRow
 from .digests import hash_file
 from .errors import InvalidName
+from .files import FINGERPRINT_FIELDS, Fingerprint
 from .leases import pid_alive
 from .manifest import Manifest, ManifestEntry, symlink_digest
 from .refs import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
-from .tree import DIRECTORY, SYMLINK, walk_tree
+from .tree import DIRECTORY, FILE, SYMLINK, walk_tree
 
 __all__ = ["Artifact"]
 
@@ -50,6 +52,50 @@ class EmptyDir:
 
 
 Pending = LocalFile | Symlink | EmptyDir | FileRef | Tracked
+
+
+def needs_content(item: Pending) -> TypeGuard[LocalFile | FileRef]:
+    """True for the items whose entry needs their content hashed: local files and checksummed
+    file references."""
+    return isinstance(item, LocalFile) or (isinstance(item, FileRef) and item.checksum)
+
+
+class Content(Protocol):
+    """The digests of an item's content (a `digests.Hashes`, or what ingest found)."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def xxh128(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def md5(self) -> str | None: ...
+
+
+def entry_of(path: str, item: Pending, h: Content | None = None, key: Fingerprint | None = None) -> EntryRow:
+    """The entry a draft's item becomes (the one place this is decided: the log and the draft's
+    own manifest both ask). `h`: the content's digests, for the items `needs_content` names;
+    `key`: a checksummed reference's stat fingerprint, when it was taken."""
+    if isinstance(item, Symlink):
+        return EntryRow(path, symlink_digest(item.target), len(item.target.encode()), None, None, None, {},
+                        SYMLINK, False, item.target)
+    if isinstance(item, EmptyDir):
+        return EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
+    if isinstance(item, Tracked):
+        return EntryRow(path, item.uri, None, item.uri, None, None, {})
+    if isinstance(item, FileRef) and not item.checksum:
+        return EntryRow(path, item.uri, item.size, item.uri, None, None, {})
+    if h is None:
+        raise ValueError(f"entry {path!r}: its content must be hashed first")
+    if isinstance(item, LocalFile):
+        return EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE, item.executable)
+    extra: dict[str, Any] = {}
+    if key is not None:
+        extra["fingerprint"] = dict(zip(FINGERPRINT_FIELDS, key, strict=True))
+    if h.md5 is not None:
+        extra["md5"] = h.md5
+    return EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
 
 
 class Artifact:
@@ -205,24 +251,9 @@ class Artifact:
         """The draft's manifest: local files hashed now; artifact:// refs resolve at log time."""
         m = Manifest()
         for path, item in self._pending.items():
-            if isinstance(item, LocalFile):
-                h = hash_file(item.src)
-                m.entries[path] = ManifestEntry(path, h.digest, h.size, None, {"xxh128": h.xxh128},
-                                                executable=item.executable)
-            elif isinstance(item, Symlink):
-                m.entries[path] = ManifestEntry(path, symlink_digest(item.target), len(item.target.encode()),
-                                                kind=SYMLINK, target=item.target)
-            elif isinstance(item, EmptyDir):
-                m.entries[path] = ManifestEntry(path, "", 0, kind=DIRECTORY)
-            elif isinstance(item, FileRef):
-                if item.checksum:
-                    h = hash_file(item.src, md5=True)
-                    m.entries[path] = ManifestEntry(path, h.digest, h.size, item.uri,
-                                                    {"xxh128": h.xxh128, "md5": h.md5})
-                else:
-                    m.entries[path] = ManifestEntry(path, item.uri, item.size, item.uri)
-            else:
-                m.entries[path] = ManifestEntry(path, item.uri, None, item.uri)
+            h = hash_file(item.src, md5=isinstance(item, FileRef)) if needs_content(item) else None
+            # Not logged: no blob to read it from yet.
+            m.entries[path] = ManifestEntry.from_row(entry_of(path, item, h), blob=None)
         return m
 
     def _items(self) -> Iterator[tuple[str, Pending]]:

@@ -8,12 +8,15 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from .errors import ArtifactFSError
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, Outcome, resolve_link, table_lookup
+
+if TYPE_CHECKING:
+    from .catalog import EntryRow
 
 __all__ = ["ManifestEntry", "Manifest", "manifest_digest", "WANDB_STORAGE_POLICY", "INTERNAL_EXTRA"]
 
@@ -50,6 +53,15 @@ class ManifestEntry:
     target: str | None = None
     blob: str | None = field(default=None, repr=False)  # blob id when the store holds the bytes
     _download: Callable[[ManifestEntry, str | None], str] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_row(cls, r: EntryRow, *, blob: str | None,
+                 download: Callable[[ManifestEntry, str | None], str] | None = None) -> ManifestEntry:
+        """The entry of a catalog row (its XXH128 digest joins `extra`, as W&B keeps it)."""
+        extra = dict(r.extra)
+        if r.xxh128:
+            extra["xxh128"] = r.xxh128
+        return cls(r.path, r.digest, r.size, r.ref, extra, r.kind, r.executable, r.target, blob, download)
 
     def download(self, root: str | None = None) -> str:
         """Return a local path holding this entry (inside a mount when one is live)."""

@@ -16,18 +16,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import names
-from .artifact import Artifact, EmptyDir, LocalFile, Symlink
+from .artifact import Artifact, EmptyDir, LocalFile, entry_of, needs_content
 from .blobs import BlobBackend, FileReader, Reader
 from .blobs.local import LocalBlobs
 from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
 from .digests import Count, Digest, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
-from .files import FINGERPRINT_FIELDS, Fingerprint, copy_fd, copy_range, fingerprint, reflink
+from .files import Fingerprint, copy_fd, copy_range, fingerprint, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
-from .manifest import Manifest, ManifestEntry, manifest_digest, symlink_digest
-from .refs import FileRef, Tracked
+from .manifest import Manifest, ManifestEntry, manifest_digest
+from .refs import FileRef
 from .refs.artifact import resolve_artifact_ref
 from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
@@ -158,22 +158,12 @@ class Store:
         job_paths: list[tuple[str, LocalFile | FileRef]] = []
         expect = artifact._expect
         for path, item in artifact._items():
-            if isinstance(item, LocalFile):
-                jobs.append(Job(item.src, True, md5=expect.get(path, ("",))[0] == "md5"))
+            if needs_content(item):
+                local = isinstance(item, LocalFile)  # a reference's MD5 is W&B's digest of it
+                jobs.append(Job(item.src, local, md5=not local or expect.get(path, ("",))[0] == "md5"))
                 job_paths.append((path, item))
-            elif isinstance(item, FileRef):
-                if item.checksum:
-                    jobs.append(Job(item.src, False, md5=True))
-                    job_paths.append((path, item))
-                else:
-                    entries[path] = EntryRow(path, item.uri, item.size, item.uri, None, None, {})
-            elif isinstance(item, Tracked):
-                entries[path] = EntryRow(path, item.uri, None, item.uri, None, None, {})
-            elif isinstance(item, Symlink):
-                entries[path] = EntryRow(path, symlink_digest(item.target), len(item.target.encode()), None,
-                                         None, None, {}, SYMLINK, False, item.target)
-            elif path not in implied:  # an empty directory (one with entries below it is implied)
-                entries[path] = EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
+            elif not (isinstance(item, EmptyDir) and path in implied):  # entries below it imply a directory
+                entries[path] = entry_of(path, item)
         _check_links(entries, [p for p, _ in job_paths])
         try:
             hashed = ingest(jobs, self.blobs, self.host, lease=lease, progress=progress)
@@ -188,14 +178,7 @@ class Store:
                 if got != want:
                     raise DigestMismatch(f"entry {path!r}: {item.src} does not match its {alg.upper()} digest "
                                          f"{want} (it is {got}); nothing was logged")
-            if isinstance(item, LocalFile):
-                entries[path] = EntryRow(path, h.digest, h.size, None, h.digest, h.xxh128, {}, FILE,
-                                         item.executable)
-            else:
-                extra: dict[str, Any] = {"fingerprint": dict(zip(FINGERPRINT_FIELDS, h.key, strict=True))}
-                if h.md5 is not None:
-                    extra["md5"] = h.md5
-                entries[path] = EntryRow(path, h.digest, h.size, item.uri, None, h.xxh128, extra)
+            entries[path] = entry_of(path, item, h, None if isinstance(item, LocalFile) else h.key)
         for path, more in artifact._extra.items():  # what an import keeps of W&B's entries
             entries[path] = entries[path]._replace(extra={**entries[path].extra, **more})
         digest = manifest_digest(entries.values())
@@ -516,11 +499,7 @@ class ArtifactVersion:
         if self._manifest is None:
             m = Manifest()
             for r in self._store.catalog.entries(self.id):
-                extra = dict(r.extra)
-                if r.xxh128:
-                    extra["xxh128"] = r.xxh128
-                m.entries[r.path] = ManifestEntry(r.path, r.digest, r.size, r.ref, extra, r.kind,
-                                                  r.executable, r.target, r.blob, self._download_entry)
+                m.entries[r.path] = ManifestEntry.from_row(r, blob=r.blob, download=self._download_entry)
             self._manifest = m
         return self._manifest
 
