@@ -117,6 +117,10 @@ def test_a_layer_uses_the_catalog_and_the_blobs_through_their_protocols(layer: s
             assert imports(m) & implementations == set(), m
 
 
+def test_fsck_checks_the_store_it_is_given_without_importing_it() -> None:
+    assert "artifactfs.store" not in imports("artifactfs.fsck")  # TYPE_CHECKING only
+
+
 def test_the_mount_commands_and_the_view_work_without_pyfuse3_and_trio() -> None:
     for m in ("artifactfs.mount.commands", "artifactfs.mount.service", "artifactfs.fuse.view",
               "artifactfs.cli", "artifactfs.store"):
