@@ -82,7 +82,8 @@ class Fsck:
         self.report = FsckReport()
 
     def run(self, repair: bool = False, references: bool = False) -> FsckReport:
-        checks = [self.check_catalog_integrity, lambda: self.check_blobs(repair), self.check_manifest_digests,
+        checks = [self.check_catalog_integrity, lambda: self.check_host_db(repair), lambda: self.check_blobs(repair),
+                  self.check_manifest_digests,
                   self.check_entry_paths, self.check_blob_rows, self.check_entry_kinds, self.check_latest_alias,
                   self.check_entry_counts]
         if references:
@@ -103,6 +104,20 @@ class Fsck:
         problems = self.cat.integrity_problems()
         if problems:
             self._damage("catalog", "integrity check: " + "; ".join(problems[:5]))
+
+    def check_host_db(self, repair: bool) -> None:
+        """This host's database (stat cache, live mounts) is sound; with repair a damaged one is
+        moved aside (it is rebuilt from nothing: logs re-read their files once, mounts register
+        again when they restart)."""
+        problems = self.store.host.integrity_problems()
+        if not problems:
+            return
+        detail = "; ".join(problems[:5])
+        if repair:
+            dest = self.store.host.discard(os.path.join(self.store.root, "quarantine"))
+            self.report.quarantined.append(dest)
+            detail += f" (moved to {dest})"
+        self._damage("host-db", detail)
 
     def _each_version(self) -> Iterator[tuple[str, list[RawEntry], VersionRow]]:
         """(NAME:vN, its entries as stored, the version) for every version."""
@@ -228,9 +243,8 @@ class Fsck:
         latest = {name: idx for name, alias, idx in self.cat.alias_list() if alias == "latest"}
         for name, top in newest.items():
             if latest.get(name) != top:
-                shown = latest.get(name)
-                self._damage("bad-alias", f"{name}: latest is {f'v{shown}' if shown is not None else None}, "
-                             f"newest version is v{top}", None, [name])
+                self._damage("bad-alias", f"{name}: latest is {latest.get(name)}, newest version is v{top}",
+                             None, [name])
         for name, alias, idx in self.cat.alias_list():
             if idx is None:
                 self._damage("bad-alias", f"{name}:{alias} names no version of {name}", None, [name])

@@ -7,22 +7,33 @@ reading it at all.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from .blobs import BlobBackend, Holder
-from .catalog import StatKey
-from .catalog.host import HostDB
 from .digests import Hashes, hash_file
-from .errors import ArtifactFSError
+from .errors import ArtifactFSError, one_line
+from .files import Fingerprint as StatKey
 from .files import fingerprint as stat_key
+
+log = logging.getLogger("artifactfs")
 
 # Told (bytes done, bytes in all) as long work goes on; from any thread, at most ~20 times a second.
 Progress = Callable[[int, int], None]
+
+
+class StatCache(Protocol):
+    """What ingest asks of the stat cache (this host's `catalog.host.HostDB`)."""
+
+    def stat_cache_lookup(self, keys: list[StatKey]) -> dict[StatKey, tuple[str, str, str | None]]:
+        """(blake3, xxh128, md5 or None) of each file whose fingerprint is unchanged."""
+        ...
 
 
 def default_workers() -> int:
@@ -81,7 +92,7 @@ class FileChanged(ArtifactFSError):
     """A source file changed while it was being logged."""
 
 
-def ingest(jobs: list[Job], blobs: BlobBackend, host: HostDB, *, lease: Holder | None = None,
+def ingest(jobs: list[Job], blobs: BlobBackend, host: StatCache, *, lease: Holder | None = None,
            progress: Progress | None = None, workers: int | None = None) -> list[Hashed]:
     """Hash (and store) every job's file; results in job order. Progress is in bytes.
 
@@ -92,7 +103,11 @@ def ingest(jobs: list[Job], blobs: BlobBackend, host: HostDB, *, lease: Holder |
     keys: list[StatKey] = []
     for j in jobs:
         keys.append(stat_key(os.stat(j.src)))
-    cache = host.stat_cache_lookup(keys) if keys else {}
+    try:
+        cache = host.stat_cache_lookup(keys) if keys else {}
+    except (ArtifactFSError, OSError) as e:  # a cache: without it every file is read
+        log.warning("the stat cache cannot be read (every file is hashed): %s", one_line(e))
+        cache = {}
     results: list[Hashed | None] = [None] * len(jobs)
     todo: list[int] = []
     meter = Meter(progress, sum(k[2] for k in keys))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import logging
 import os
 import shutil
 import stat
@@ -22,7 +23,7 @@ from .blobs.local import LocalBlobs
 from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
 from .digests import Count, Digest, hash_file, is_oid
-from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull
+from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull, one_line
 from .files import Fingerprint, copy_fd, copy_range, fingerprint, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
@@ -33,6 +34,8 @@ from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
+
+log = logging.getLogger("artifactfs")
 
 
 def default_root() -> str:
@@ -73,7 +76,7 @@ class Store:
         files under `root` (the contract tests run the API over MemoryBlobs)."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         root_dir = _store_dir(self.root, create)
-        self.host = HostDB(root_dir, create=create)  # this machine's own state (stat cache, mounts)
+        self.host = HostDB(root_dir)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         if blobs is None:
             local = LocalBlobs(self.root)
@@ -200,8 +203,12 @@ class Store:
         commit = LogCommit(artifact.name, artifact.type, digest, artifact.description, artifact.metadata,
                            time.time(), list(entries.values()), alias_list)
         vid = self.catalog.commit_log(commit, lambda: self._ensure_blobs(entries, job_paths, lease))
-        # After the commit, in this host's own database: a crash before it only costs a re-hash.
-        self.host.store_stat_cache(cache_rows)
+        # After the commit, in this host's own database: a crash before it, or a host.db that
+        # cannot be written, only costs a re-hash next time; the version is logged either way.
+        try:
+            self.host.store_stat_cache(cache_rows)
+        except (ArtifactFSError, OSError) as e:
+            log.warning("the stat cache was not updated (the next log re-reads these files): %s", one_line(e))
         return vid
 
     def import_wandb(self, name: str, manifest: str | os.PathLike[str] | dict[str, Any],
@@ -713,7 +720,7 @@ class ArtifactVersion:
                 try:
                     got = self._store.blobs.hash_blob(e.blob, count=meter.add).digest
                 except FileNotFoundError:
-                    bad.append(f"{e.path}: blob missing")
+                    bad.append(f"{e.path}: missing")
                     continue
                 if got != e.digest:
                     bad.append(f"{e.path}: content is {got[:16]}..., expected {e.digest[:16]}...")

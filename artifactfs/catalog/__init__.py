@@ -14,15 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NewType, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NewType, Protocol, TypeVar
 
+from ..files import Fingerprint
 from ..tree import FILE, Kind
+
+if TYPE_CHECKING:
+    from .host import HostDB
 
 __all__ = ["Catalog", "EntryRow", "VersionRow", "VersionId", "ArtifactSnap", "Snapshot", "LogCommit",
            "RawEntry", "StatKey", "open_catalog"]
 
 VersionId = NewType("VersionId", int)
-StatKey = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
+StatKey = Fingerprint  # the stat cache is keyed by a file's fingerprint
 T = TypeVar("T")
 
 
@@ -182,7 +186,7 @@ class Catalog(Protocol):
         ...
 
 
-def open_catalog(root: str, *, create: bool, host: Any = None) -> Catalog:
+def open_catalog(root: str, *, create: bool, host: HostDB | None = None) -> Catalog:
     """The catalog of the store at `root` (today always SQLite: `<root>/catalog.db`). `host`
     (the store's HostDB) takes what an older catalog kept of this host's state."""
     import os

@@ -5,6 +5,7 @@ never holds it."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from importlib import resources
 
@@ -17,28 +18,30 @@ __all__ = ["HostDB", "HOST_SCHEMA_VERSION"]
 HOST_SCHEMA_VERSION = 1
 StatRow = tuple[int, int, int, int, int, str, str, str | None]  # StatKey + blake3, xxh128, md5
 MountRow = tuple[str, int, str | None, float, int]  # mountpoint, pid, artifact, started_at, seen_generation
+_STAT_COLS = "(dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_MOUNT_COLS = "(mountpoint, pid, artifact, started_at, seen_generation) VALUES (?, ?, ?, ?, ?)"
 
 
 class HostDB(Database):
-    """SQLite `<root>/host.db`; created on first use (also for a store that had none)."""
+    """SQLite `<root>/host.db`: created by the first write that needs it (also in a store that had
+    none); until then every read finds it empty. It holds nothing that cannot be rebuilt (a cache,
+    the live mounts), so it never stops a store from opening."""
 
     what = "host database"
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(self, root: str) -> None:
         super().__init__(os.path.join(root, "host.db"))
-        self.create = create
         self._ready = False
 
-    def _open(self) -> None:
-        """Create (when missing) and check the file, on first use: a read-only command on a store
-        it may not write needs no host database."""
+    def _open(self, *, write: bool) -> bool:
+        """Check the file on first use, creating it for a write; False when there is none to read."""
         if self._ready:
-            return
+            return True
+        if not write and not os.path.exists(self.path):
+            return False
 
         def init() -> None:
             if not os.path.exists(self.path):
-                if not self.create:
-                    raise CatalogError(f"no host database at {self.path}")
                 self.create_whole(resources.files("artifactfs.catalog").joinpath("host.sql").read_text(),
                                   HOST_SCHEMA_VERSION)
             v = self.user_version()
@@ -51,9 +54,32 @@ class HostDB(Database):
 
         self.open_retrying(init)
         self._ready = True
+        return True
 
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's quick_check finds wrong (nothing when there is no file yet)."""
+        try:
+            if not self._open(write=False):
+                return []
+            res = [str(r[0]) for r in self.query("PRAGMA quick_check")]
+        except CatalogError as e:
+            return [str(e)]
+        return [] if res == ["ok"] else res
+
+    def discard(self, directory: str) -> str:
+        """Move a damaged file (and its WAL) into `directory`; the next write starts a new one.
+        Returns where it went."""
+        self.close()
+        self._ready = False
+        os.makedirs(directory, exist_ok=True)
+        dest = os.path.join(directory, f"host.db-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.replace(self.path, dest)
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.replace(self.path + suffix, dest + suffix)
+            except FileNotFoundError:
+                pass
+        return dest
 
     # -- the stat cache ----------------------------------------------------------------------
 
@@ -61,9 +87,8 @@ class HostDB(Database):
         """Map each (dev, ino, size, mtime_ns, ctime_ns) found unchanged to (blake3, xxh128, md5);
         md5 is None when it was not computed."""
         found: dict[StatKey, tuple[str, str, str | None]] = {}
-        if not keys or (not self.exists() and not self.create):
+        if not keys or not self._open(write=False):
             return found
-        self._open()
         wanted = {(k[0], k[1]): k for k in keys}
         pairs = list(wanted)
         for i in range(0, len(pairs), 400):
@@ -83,48 +108,43 @@ class HostDB(Database):
         rows = list(rows)
         if not rows:
             return
-        self._open()
+        self._open(write=True)
         with self.transaction():
-            self.conn.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, "
-                                  "xxh128, md5) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.conn.executemany(f"INSERT OR REPLACE INTO stat_cache {_STAT_COLS}", rows)
 
     # -- mounts ---------------------------------------------------------------------------------
 
     def set_mount(self, mountpoint: str, pid: int, artifact: str | None, started_at: float,
                   seen_generation: int) -> None:
-        self._open()
+        self._open(write=True)
         with self.transaction():
-            self.conn.execute("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at, "
-                              "seen_generation) VALUES (?, ?, ?, ?, ?)",
+            self.conn.execute(f"INSERT OR REPLACE INTO mounts {_MOUNT_COLS}",
                               (mountpoint, pid, artifact, started_at, seen_generation))
 
     def ack_mount(self, mountpoint: str, generation: int) -> None:
-        self._open()
+        self._open(write=True)
         with self.transaction():
             self.conn.execute("UPDATE mounts SET seen_generation = MAX(seen_generation, ?) WHERE mountpoint = ?",
                               (generation, mountpoint))
 
     def drop_mount(self, mountpoint: str) -> None:
-        self._open()
+        self._open(write=True)
         with self.transaction():
             self.conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))
 
     def mounts(self) -> list[tuple[str, int, str | None, int]]:
         """(mountpoint, daemon pid, NAME:vN or None for the whole store, seen generation)."""
-        if not self.exists():
+        if not self._open(write=False):
             return []
-        self._open()
         return [(r[0], r[1], r[2], r[3]) for r in self.query(
             "SELECT mountpoint, pid, artifact, seen_generation FROM mounts")]
 
     # -- from an older store ------------------------------------------------------------------
 
     def take_over(self, stat_rows: list[StatRow], mounts: list[MountRow]) -> None:
-        """Rows an older catalog kept of this host's state (idempotent: a migration that was
-        interrupted runs again)."""
-        self._open()
+        """Rows an older catalog kept of this host's state. Idempotent (a migration that was
+        interrupted runs again), and a row host.db has already is newer: it is kept."""
+        self._open(write=True)
         with self.transaction():
-            self.conn.executemany("INSERT OR REPLACE INTO stat_cache (dev, ino, size, mtime_ns, ctime_ns, blake3, "
-                                  "xxh128, md5) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", stat_rows)
-            self.conn.executemany("INSERT OR REPLACE INTO mounts (mountpoint, pid, artifact, started_at, "
-                                  "seen_generation) VALUES (?, ?, ?, ?, ?)", mounts)
+            self.conn.executemany(f"INSERT OR IGNORE INTO stat_cache {_STAT_COLS}", stat_rows)
+            self.conn.executemany(f"INSERT OR IGNORE INTO mounts {_MOUNT_COLS}", mounts)

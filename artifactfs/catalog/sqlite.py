@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from ..errors import ArtifactFSError, CatalogDamaged, CatalogError, InvalidName, NotFound
 from . import ArtifactSnap, EntryRow, LogCommit, RawEntry, Snapshot, VersionId, VersionRow
 from ._db import Database, map_error
+from .host import HostDB
 
 __all__ = ["SQLiteCatalog", "SCHEMA_VERSION"]
 
@@ -32,7 +33,7 @@ class SQLiteCatalog(Database):
 
     what = "catalog"
 
-    def __init__(self, path: str, *, create: bool = True, host: Any = None) -> None:
+    def __init__(self, path: str, *, create: bool = True, host: HostDB | None = None) -> None:
         super().__init__(path)
         if not create and not os.path.exists(path):
             raise CatalogError(f"no catalog at {path}")
@@ -92,18 +93,18 @@ class SQLiteCatalog(Database):
         step is interrupted."""
         host = self._host
         if host is None:
-            from .host import HostDB
-
             host = HostDB(os.path.dirname(self.path))
         c = self.conn
-        stat_rows = [tuple(r) for r in c.execute(
-            "SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 FROM stat_cache")]
-        mounts = [tuple(r) for r in c.execute(
-            "SELECT mountpoint, pid, artifact, started_at, seen_generation FROM mounts")]
-        host.take_over(stat_rows, mounts)
+        # All under the catalog's write lock: no process of the old version adds a row between the
+        # copy and the drop, and racing openers migrate once.
         with self.transaction():
             if self.user_version() != 3:
                 return
+            stat_rows = [tuple(r) for r in c.execute(
+                "SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, xxh128, md5 FROM stat_cache")]
+            mounts = [tuple(r) for r in c.execute(
+                "SELECT mountpoint, pid, artifact, started_at, seen_generation FROM mounts")]
+            host.take_over(stat_rows, mounts)
             c.execute("DROP TABLE IF EXISTS stat_cache")
             c.execute("DROP TABLE IF EXISTS mounts")
             c.execute("PRAGMA user_version = 4")
