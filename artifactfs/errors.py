@@ -41,6 +41,10 @@ class StoreFull(ArtifactFSError, OSError):
     """The store's filesystem ran out of space; nothing was logged."""
 
 
+class MountError(ArtifactFSError):
+    """A mount or an unmount that could not be done (the message says why, in one line)."""
+
+
 def maybe_full(e: OSError) -> OSError:
     """StoreFull for an out-of-space error (ENOSPC, EDQUOT), else `e` itself."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -290,3 +290,15 @@ def test_concurrent_puts_of_the_same_content_give_one_blob(blobs: BlobBackend) -
     assert any(r.written for r in results)
     assert [b.oid for b in blobs.iter_blobs()] == [oid_of(data)]
     assert read_via_reader(blobs, oid_of(data)) == data
+
+
+def test_hash_reader_hashes_the_bytes_a_reader_serves(blobs: BlobBackend) -> None:
+    from artifactfs.blobs import hash_reader
+
+    for data in (b"", b"x", os.urandom(3 * 1024 * 1024 + 17)):
+        oid = blobs.put_bytes(data).oid
+        r = blobs.open(oid)
+        try:
+            assert hash_reader(r) == oid
+        finally:
+            r.close()

@@ -106,7 +106,7 @@ CHILD_MAIN = r'''
 cfg = json.loads(sys.argv[1])
 import artifactfs.blobs.local
 import artifactfs.ingest
-from artifactfs.blobs.local import LocalBlobs as BlobStore
+from artifactfs.blobs.local import LocalBlobs
 
 artifactfs.ingest.default_workers = lambda: 1  # one ingest thread: the k-th call is the same each run
 
@@ -215,8 +215,8 @@ def wrap(owner, attr, kind):
     setattr(owner, attr, wrapper)
 
 
-wrap(BlobStore, "sync", "sync")
-wrap(BlobStore, "remove_many", "remove-blob")
+wrap(LocalBlobs, "sync", "sync")
+wrap(LocalBlobs, "remove_many", "remove-blob")
 wrap(artifactfs.blobs.local, "copy_fd", "copy-large")
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from artifactfs.errors import MountError
 from artifactfs.mount import commands, daemon, service
-from artifactfs.mount.commands import MountError
 
 
 def record(level: int, msg: str) -> logging.LogRecord:

@@ -56,7 +56,7 @@ def ops(store: Store) -> Operations:
     log_files(store, "ds", {"a.txt": b"two\n", **{f"many/f{i:03}": b"%d" % i for i in range(50)}})
     vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
-    return Operations(vfs, invalidator=FakeInvalidator(), openless=False)  # type: ignore[arg-type]
+    return Operations(vfs, Handles(vfs, openless=False), invalidator=FakeInvalidator())  # type: ignore[arg-type]
 
 
 async def lookup_path(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
@@ -304,6 +304,11 @@ class RaisingVFS:
         raise self.exc
 
 
+def raising_ops(exc: BaseException) -> Operations:
+    vfs: Any = RaisingVFS(exc)
+    return Operations(vfs, Handles(vfs, openless=False), invalidator=FakeInvalidator())  # type: ignore[arg-type]
+
+
 @pytest.mark.trio
 @pytest.mark.parametrize("exc, code", [
     (NotFound("gone"), errno.ENOENT),
@@ -312,7 +317,7 @@ class RaisingVFS:
     (OSError(0, "no errno"), errno.EIO),
 ])
 async def test_domain_errors_and_oserror_map_to_their_errno(exc: BaseException, code: int) -> None:
-    ops = Operations(RaisingVFS(exc), invalidator=FakeInvalidator())  # type: ignore[arg-type]
+    ops = raising_ops(exc)
     calls = (lambda: ops.getattr(1, CTX), lambda: ops.lookup(1, b"x", CTX), lambda: ops.readlink(1, CTX))
     for call in calls:
         with pytest.raises(pyfuse3.FUSEError) as ei:
@@ -322,7 +327,7 @@ async def test_domain_errors_and_oserror_map_to_their_errno(exc: BaseException, 
 
 @pytest.mark.trio
 async def test_unexpected_exception_is_logged_and_becomes_eio(caplog: pytest.LogCaptureFixture) -> None:
-    ops = Operations(RaisingVFS(ZeroDivisionError("bug")), invalidator=FakeInvalidator())  # type: ignore[arg-type]
+    ops = raising_ops(ZeroDivisionError("bug"))
     with caplog.at_level(logging.ERROR, logger="artifactfs.fuse"):
         with pytest.raises(pyfuse3.FUSEError) as ei:
             await ops.getattr(7, CTX)
@@ -332,7 +337,7 @@ async def test_unexpected_exception_is_logged_and_becomes_eio(caplog: pytest.Log
 
 @pytest.mark.trio
 async def test_forget_never_raises(caplog: pytest.LogCaptureFixture) -> None:
-    ops = Operations(RaisingVFS(ZeroDivisionError("bug")), invalidator=FakeInvalidator())  # type: ignore[arg-type]
+    ops = raising_ops(ZeroDivisionError("bug"))
     with caplog.at_level(logging.ERROR, logger="artifactfs.fuse"):
         await ops.forget([(5, 1)])
     assert "unexpected error in forget" in caplog.text
@@ -356,8 +361,8 @@ def openless(store: Store) -> Operations:
     vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
     acks: list[int] = []
-    ops = Operations(vfs, invalidator=FakeInvalidator(),  # type: ignore[arg-type]
-                     handles=Handles(vfs, openless=True, ack=acks.append))
+    ops = Operations(vfs, Handles(vfs, openless=True, ack=acks.append),
+                     invalidator=FakeInvalidator())  # type: ignore[arg-type]
     ops.acks = acks  # type: ignore[attr-defined]
     return ops
 
@@ -441,8 +446,8 @@ async def test_openless_pins_no_more_than_the_budget(store: Store, caplog: pytes
     log_files(store, "ds", {"other": b"o"})
     vfs = VFS(store.catalog, store.blobs)
     vfs.apply_snapshot(store.catalog.snapshot())
-    ops = Operations(vfs, invalidator=FakeInvalidator(),  # type: ignore[arg-type]
-                     handles=Handles(vfs, openless=True, pin_budget=4))
+    ops = Operations(vfs, Handles(vfs, openless=True, pin_budget=4),
+                     invalidator=FakeInvalidator())  # type: ignore[arg-type]
     for i in range(10):
         await lookup_path(ops, f"ds/v0/f{i}")
     store.delete("ds:v0")
@@ -473,3 +478,20 @@ async def test_openless_failed_acknowledgement_is_retried_at_the_next_poll(openl
     failing[0] = False
     assert not await openless.refresh()  # nothing new in the catalog, but the ack goes out
     assert acks == [store.catalog.generation()]
+
+
+@pytest.mark.trio
+async def test_each_open_gets_its_own_handle_whatever_the_descriptors(ops: Operations) -> None:
+    """Per-open mode: file handles are numbers of our own, not descriptors (readers of a pack
+    file will share one), so two opens of one file and of two files never collide."""
+    a = await lookup_path(ops, "ds/v1/a.txt")
+    b = await lookup_path(ops, "ds/v0/a.txt")
+    fis = [await ops.open(a.st_ino, os.O_RDONLY, CTX), await ops.open(a.st_ino, os.O_RDONLY, CTX),
+           await ops.open(b.st_ino, os.O_RDONLY, CTX)]
+    assert len({fi.fh for fi in fis}) == 3
+    assert [bytes(await ops.read(fi.fh, 0, 100)) for fi in fis] == [b"two\n", b"two\n", b"one\n"]  # one reply buffer
+    await ops.release(fis[0].fh)
+    assert await ops.read(fis[1].fh, 0, 100) == b"two\n"  # the other open of the same file reads on
+    for fi in fis[1:]:
+        await ops.release(fi.fh)
+    assert ops.handles.files == {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs import Artifact, ArtifactFSError, Store
-from artifactfs.blobs.local import LocalBlobs as BlobStore
+from artifactfs.blobs.local import LocalBlobs
 
 
 def draft(data_dir: Path, name: str = "ds") -> Artifact:
@@ -116,15 +116,15 @@ def test_gc_during_a_blob_write_does_not_fail_the_log(
     """gc(grace_seconds=0) between a blob's temp write and its rename: the temp file belongs to a
     live writer (its PID is in the name), so the log must still succeed."""
     other = open_store(store.root)
-    orig = BlobStore._install
+    orig = LocalBlobs._install
     ran: list = []
 
-    def gc_then_install(self: BlobStore, tmp: str, oid: str, **kw: bool) -> bool:
+    def gc_then_install(self: LocalBlobs, tmp: str, oid: str, **kw: bool) -> bool:
         if not ran:
             ran.append(other.gc(grace_seconds=0))
         return orig(self, tmp, oid, **kw)
 
-    monkeypatch.setattr(BlobStore, "_install", gc_then_install)
+    monkeypatch.setattr(LocalBlobs, "_install", gc_then_install)
     v = store.log_artifact(draft(data_dir))
     v.verify()
 
@@ -284,9 +284,9 @@ def test_every_surviving_version_verifies_after_loggers_raced_gc(stressed, open_
 PAUSED_LOG = r'''
 import os, signal, sys, time
 from artifactfs import Artifact, Store
-from artifactfs.blobs.local import LocalBlobs as BlobStore
+from artifactfs.blobs.local import LocalBlobs
 root, src, ready, go, how = sys.argv[1:6]
-orig = BlobStore.sync
+orig = LocalBlobs.sync
 
 def paused_sync(self):
     orig(self)
@@ -296,7 +296,7 @@ def paused_sync(self):
     while not os.path.exists(go):       # a slow log: gc runs now, in another process
         time.sleep(0.01)
 
-BlobStore.sync = paused_sync
+LocalBlobs.sync = paused_sync
 store = Store(root)
 art = Artifact("slow", type="dataset")
 art.add_dir(src)

@@ -387,7 +387,7 @@ def check_nothing_leads_out(mnt: Path, version_dir: Path, *, whole_store: bool) 
         return os.path.normpath(os.path.join(mnt_real, os.path.relpath(p, mnt)))
 
     # A tracked URI is the link's target, except that one with '.' or '..' components gets its
-    # slashes escaped (vfs.link_target), so that it cannot resolve outside the version.
+    # slashes escaped (fuse.view.link_target), so that it cannot resolve outside the version.
     links = {"outside": "/etc/hostname", **{e: link_target(None, u).decode() for e, u in TRACKED.items()}}
     files_seen: set[str] = set()
     links_seen: set[str] = set()

@@ -2,10 +2,12 @@
 
 `LocalBlobs` (files under `<root>/blobs/`) implements it today; an S3 bucket with a host cache,
 and pack files of small blobs, will be more implementations (or wrappers) of the same protocol,
-checked by the same contract tests (tests/test_blobs_contract.py). Nothing of a local path
-crosses the protocol: a blob is opened as a `Reader`, which the read path calls; for a local
-file it is a `pread` on a descriptor (zero-copy consumers such as reflink and copy_file_range
-use that descriptor and its base offset).
+checked by the same contract tests (tests/test_blobs_contract.py). No blob path crosses the
+protocol: a blob is opened by its id as a `Reader`, which the read path calls. A Reader is a
+local descriptor and a base offset, because every backend serves reads from a local file (a
+loose blob, a range of a pack file, the host cache of a bucket): a read stays one `pread`, and
+reflink and copy_file_range work from it. Descriptors may be shared between Readers (a pack),
+so nothing keys open files by descriptor.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from ..digests import Count, Digest, Hashes
+import blake3
 
-__all__ = ["BlobBackend", "Reader", "FileReader", "BlobInfo", "TempInfo", "PutResult", "Holder"]
+from ..digests import CHUNK, Count, Digest, Hashes
+from ..errors import DigestMismatch
+
+__all__ = ["BlobBackend", "Reader", "FileReader", "BlobInfo", "TempInfo", "PutResult", "Holder", "hash_reader",
+           "BlobsBase"]
 
 
 class Reader(Protocol):
@@ -76,6 +82,19 @@ class FileReader:
             self.fd = -1
 
 
+def hash_reader(reader: Reader) -> Digest:
+    """The blake3 of what `reader` serves (the very bytes, not the blob looked up again by name)."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO if reader.size > 16 * CHUNK else 1)
+    buf = memoryview(bytearray(CHUNK))
+    offset = 0
+    while True:
+        n = reader.readinto(buf, offset)
+        if n == 0:
+            return Digest(h.hexdigest())
+        h.update(buf[:n])
+        offset += n
+
+
 class BlobInfo(NamedTuple):
     """What a listing says of one blob."""
 
@@ -109,6 +128,37 @@ class Holder(Protocol):
     def hold(self, oid: str) -> None: ...
 
     def hold_many(self, oids: Iterable[str]) -> None: ...
+
+
+class BlobsBase:
+    """What every backend does the same way on top of its own `has` and `put_file_stat`."""
+
+    def has(self, oid: str) -> bool:
+        raise NotImplementedError
+
+    def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
+                      count: Count | None = None,
+                      replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
+        raise NotImplementedError
+
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ones present, a `has` each (a backend that answers in bulk overrides this)."""
+        return {o for o in oids if self.has(o)}
+
+    def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,
+                 replace: bool = False) -> PutResult:
+        """Store a copy of the file `src` and return its identity. With `expect`, raise
+        DigestMismatch if the content is not that digest (the blob is named by what was read,
+        so nothing is stored under `expect`)."""
+        res, _, _ = self.put_file_stat(src, lease=lease, replace=replace)
+        if expect is not None and res.oid != expect:
+            raise DigestMismatch(f"{src}: content is {res.oid}, expected {expect}")
+        return res
+
+    @staticmethod
+    def check_temp_name(name: str) -> None:
+        if os.sep in name or name in (".", ".."):
+            raise ValueError(f"not a temp file name: {name!r}")
 
 
 class BlobBackend(Protocol):

@@ -19,9 +19,9 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from ..digests import Count, Digest, Hashes, hash_bytes, hash_fd, hash_file, is_oid
-from ..errors import DigestMismatch, maybe_full
+from ..errors import maybe_full
 from ..files import CANNOT_CLONE, Halves, copy_fd, read_all, reflink, syncfs, unlink_quietly
-from . import BlobInfo, FileReader, Holder, PutResult, TempInfo
+from . import BlobInfo, BlobsBase, FileReader, Holder, PutResult, TempInfo
 
 __all__ = ["LocalBlobs", "SMALL_FILE", "FSYNC_MAX"]
 
@@ -30,7 +30,7 @@ FSYNC_MAX = 64  # up to this many blobs per log: fsync each; more: one syncfs
 _counter = itertools.count()
 
 
-class LocalBlobs:
+class LocalBlobs(BlobsBase):
     """Content-addressed files under ``<root>/blobs`` (a `BlobBackend`)."""
 
     def __init__(self, root: str) -> None:
@@ -92,10 +92,6 @@ class LocalBlobs:
 
     def has(self, oid: str) -> bool:
         return os.path.exists(self.path(oid))
-
-    def has_many(self, oids: Iterable[str]) -> set[str]:
-        # A stat each: a local filesystem answers that faster than a listing of the fan-out.
-        return {o for o in oids if self.has(o)}
 
     def open(self, oid: str) -> FileReader:
         fd = os.open(self.path(oid), os.O_RDONLY | os.O_CLOEXEC)
@@ -189,18 +185,6 @@ class LocalBlobs:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         return False
-
-    def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,
-                 replace: bool = False) -> PutResult:
-        """Store a copy of the file `src` (reflink where possible) and return its identity.
-
-        With `expect`, raise DigestMismatch if the content is not that digest (nothing is then
-        stored: the blob is named by what was read).
-        """
-        res, _, _ = self.put_file_stat(src, lease=lease, replace=replace)
-        if expect is not None and res.oid != expect:
-            raise DigestMismatch(f"{src}: content is {res.oid}, expected {expect}")
-        return res
 
     def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
                       count: Count | None = None,
@@ -329,8 +313,7 @@ class LocalBlobs:
                 yield TempInfo(f.name, int(head) if head.isdigit() else 0, st.st_mtime)
 
     def remove_temp(self, name: str) -> bool:
-        if os.sep in name or name in (".", ".."):
-            raise ValueError(f"not a temp file name: {name!r}")
+        self.check_temp_name(name)
         try:
             os.unlink(os.path.join(self.tmpdir, name))
             return True

@@ -13,15 +13,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from ..digests import Count, Digest, Hashes, hash_bytes, is_oid
-from ..errors import DigestMismatch
+from ..digests import Count, Hashes, hash_bytes, is_oid
 from ..files import read_all
-from . import BlobInfo, FileReader, Holder, PutResult, TempInfo
+from . import BlobInfo, BlobsBase, FileReader, Holder, PutResult, TempInfo
 
 __all__ = ["MemoryBlobs"]
 
 
-class MemoryBlobs:
+class MemoryBlobs(BlobsBase):
     """Blobs in a dictionary (a `BlobBackend`; durable only for the life of the process)."""
 
     def __init__(self) -> None:
@@ -40,9 +39,6 @@ class MemoryBlobs:
 
     def has(self, oid: str) -> bool:
         return self._check(oid) in self._blobs
-
-    def has_many(self, oids: Iterable[str]) -> set[str]:
-        return {o for o in oids if self.has(o)}
 
     def size_of(self, oid: str) -> int | None:
         got = self._blobs.get(self._check(oid))
@@ -99,13 +95,6 @@ class MemoryBlobs:
         finally:
             os.close(fd)
 
-    def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,
-                 replace: bool = False) -> PutResult:
-        res, _, _ = self.put_file_stat(src, lease=lease, replace=replace)
-        if expect is not None and res.oid != expect:
-            raise DigestMismatch(f"{src}: content is {res.oid}, expected {expect}")
-        return res
-
     def mark_unsynced(self, oids: Iterable[str]) -> None:
         for o in oids:
             self._check(o)
@@ -134,8 +123,7 @@ class MemoryBlobs:
         return iter(())
 
     def remove_temp(self, name: str) -> bool:
-        if os.sep in name or name in (".", ".."):
-            raise ValueError(f"not a temp file name: {name!r}")
+        self.check_temp_name(name)
         return False
 
     def quarantine(self, oid: str) -> str:

@@ -7,14 +7,15 @@ RELEASE, so `files` is a cache by inode (at most `cache_size`, first in first ou
 bookkeeping per read), filled on a read's first miss. Without those requests nothing here knows
 which files are open, so when a version is deleted every file of it the kernel still knows is
 held open (`pinned`, up to a budget) before the delete is acknowledged to gc, and let go when
-the kernel forgets it. Per-open mode (stock pyfuse3): `files` is keyed by the descriptor that
-OPEN returned as the file handle, and RELEASE closes it.
+the kernel forgets it. Per-open mode (stock pyfuse3): `files` is keyed by the file handle
+OPEN returned, and RELEASE closes it.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -37,7 +38,8 @@ class Handles:
                  ack: Callable[[int], None] | None = None, cache_size: int = DESCRIPTOR_CACHE) -> None:
         self.vfs = vfs
         self.openless = openless
-        # Read directly by the read path: a dictionary lookup is all a cached read costs.
+        # Read directly by the read path (a dictionary lookup is all a cached read costs), which
+        # holds this very dict: it is never rebound.
         self.files: dict[int, OpenFile] = {}
         # Open-less mode: descriptors of deleted versions' files the kernel still knows (it may
         # have them open), held until it forgets them. At most pin_budget.
@@ -48,6 +50,7 @@ class Handles:
         self.ack = ack
         self.acked = vfs.generation  # the daemon registers the mount with this generation
         self._ack_due = self.acked
+        self._fh = itertools.count(1)
 
     async def _open(self, node: Node) -> OpenFile:
         try:
@@ -56,11 +59,13 @@ class Handles:
             # A reference in doubt (or --verify-reads): hash it off the trio thread.
             return await trio.to_thread.run_sync(functools.partial(self.vfs.open, node, may_hash=True))
 
-    async def open(self, node: Node) -> OpenFile:
-        """Per-open mode: a descriptor for one OPEN; its number is the file handle."""
+    async def open(self, node: Node) -> int:
+        """Per-open mode: open the file for one OPEN; returns its file handle (a number of our own:
+        readers of one backend may share a descriptor, as the blobs of a pack file will)."""
         h = await self._open(node)
-        self.files[h.fd] = h
-        return h
+        fh = next(self._fh)
+        self.files[fh] = h
+        return fh
 
     async def descriptor(self, fh: int) -> OpenFile:
         """The slow path of a read: open (or re-open) the file of inode `fh` (open-less mode)."""

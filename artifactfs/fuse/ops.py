@@ -159,16 +159,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, vfs: VFS, *, debug: bool = False, invalidator: Invalidator | None = None,
-                 openless: bool | None = None, handles: Handles | None = None) -> None:
-        """`handles`: the mount's open files (by default new ones, open-less when `openless`,
-        which defaults to what this pyfuse3 can do)."""
+    def __init__(self, vfs: VFS, handles: Handles, *, debug: bool = False,
+                 invalidator: Invalidator | None = None) -> None:
+        """`handles`: the mount's open files (open-less or per open: `OPENLESS` says which this
+        pyfuse3 can do)."""
         super().__init__()
         self.vfs = vfs
         self.debug = debug
         self.invalidator = invalidator if invalidator is not None else Invalidator()
-        if handles is None:
-            handles = Handles(vfs, openless=OPENLESS if openless is None else openless)
         self.handles = handles
         self.openless = handles.openless
         self._files = self.handles.files  # the read path's one dictionary lookup
@@ -290,12 +288,12 @@ class Operations(pyfuse3.Operations):
             # by itself, keeps their page cache (FOPEN_KEEP_CACHE) and sends no FLUSH/RELEASE.
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.vfs.node(inode)
-        h = await self.handles.open(node)
+        fh = await self.handles.open(node)
         # keep_cache: the bytes of a version file never change, so the page cache survives
         # close and reopen. Not for unchecked references, which are served as they are now.
         # Never direct_io: it breaks MAP_SHARED mmap (numpy memmap, safetensors).
         keep = not (isinstance(node, RefFile) and not node.checked)
-        return pyfuse3.FileInfo(fh=h.fd, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), keep_cache=keep)
 
     # pyfuse3 copies any buffer into its reply; its stub says bytes.
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]

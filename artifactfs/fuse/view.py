@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeAlias
 
 import xxhash
 
-from ..blobs import BlobBackend, FileReader, Reader
+from ..blobs import BlobBackend, FileReader, Reader, hash_reader
 from ..catalog import Catalog, EntryRow, Snapshot, VersionId
 from ..errors import InvalidName, NotFound
 from ..files import Fingerprint, fingerprint
@@ -871,7 +871,7 @@ class VFS:
             raise OSError(errno.EIO, "blob missing") from None
         if self.verify_blobs and oid not in self._verified_blobs:
             try:
-                got = self.blobs.hash_blob(oid).digest
+                got = hash_reader(reader)
                 if got != oid:
                     log.error("%s: blob %s is corrupt (content hashes to %s); refusing it (EIO)",
                               self.entry_label(n), oid, got)

@@ -25,8 +25,8 @@ import sys
 import time
 from typing import IO
 
-from ..errors import ArtifactFSError, one_line
-from .service import READY_FD_ENV, report, setup_logging, take_ready_fd
+from ..errors import ArtifactFSError, MountError, one_line
+from .service import FSTYPE, READY_FD_ENV, READY_TIMEOUT, report, setup_logging, take_ready_fd
 
 __all__ = ["mount_command", "umount_command", "check_mountpoint", "fuse_problem", "patch_problem",
            "MountError", "FSTYPE"]
@@ -34,12 +34,6 @@ __all__ = ["mount_command", "umount_command", "check_mountpoint", "fuse_problem"
 log = logging.getLogger("artifactfs")
 
 LOG_FILE_ENV = "ARTIFACTFS_LOG_FILE"  # where a detached daemon's log goes (else default_log_file())
-READY_TIMEOUT = 60.0
-FSTYPE = "fuse.artifactfs"  # what mountinfo shows for our mounts (subtype=artifactfs)
-
-
-class MountError(ArtifactFSError):
-    """A mount or an unmount that could not be done (the message says why, in one line)."""
 
 
 # -- checks -------------------------------------------------------------------------------------

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from ..errors import ArtifactFSError, one_line
+from ..errors import ArtifactFSError, MountError, one_line
 from ..fuse.handles import DESCRIPTOR_CACHE, Handles
 from ..fuse.ops import OPENLESS, Operations
 from ..fuse.view import VFS, VersionInfo
 from ..store import Store
-from .commands import FSTYPE, READY_TIMEOUT, MountError
-from .service import report, sd_notify
+from .service import FSTYPE, READY_TIMEOUT, report, sd_notify
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -153,7 +152,7 @@ class _Daemon:
                 vfs.build(vfs.root)
             handles = Handles(vfs, openless=OPENLESS, pin_budget=_raise_fd_limit(),
                               ack=lambda gen: store.ack_mount(self.mountpoint, gen) if self.registered else None)
-            ops = Operations(vfs, debug=self.debug, handles=handles)
+            ops = Operations(vfs, handles, debug=self.debug)
             options = {"ro", "default_permissions", "fsname=artifactfs", f"subtype={FSTYPE.split('.', 1)[1]}"}
             if self.allow_other:
                 options.add("allow_other")

@@ -8,11 +8,13 @@ import os
 import socket
 import sys
 
-__all__ = ["setup_logging", "sd_notify", "take_ready_fd", "report", "READY_FD_ENV"]
+__all__ = ["setup_logging", "sd_notify", "take_ready_fd", "report", "READY_FD_ENV", "READY_TIMEOUT", "FSTYPE"]
 
 log = logging.getLogger("artifactfs")
 
 READY_FD_ENV = "ARTIFACTFS_READY_FD"  # the pipe a detached daemon reports readiness on
+READY_TIMEOUT = 60.0  # how long a mount may take to answer
+FSTYPE = "fuse.artifactfs"  # what mountinfo shows for our mounts (subtype=artifactfs)
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
