@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from importlib import resources
 from typing import Any
 
 from ..errors import CatalogDamaged, CatalogError, StoreFull
@@ -54,6 +55,18 @@ class Database:
     @property
     def label(self) -> str:
         return f"{self.what} {self.path}"
+
+    def create_or_check(self, schema_file: str, version: int) -> int:
+        """Create the file from `schema_file` (of this package) when it is missing; the schema
+        version it has, refusing an empty or foreign file and one newer than `version`."""
+        if not os.path.exists(self.path):
+            self.create_whole(resources.files("artifactfs.catalog").joinpath(schema_file).read_text(), version)
+        v = self.user_version()
+        if v == 0:
+            raise CatalogDamaged(f"{self.label} is empty or not an artifactfs {self.what}")
+        if v > version:
+            raise CatalogError(f"{self.label} has schema version {v}; this artifactfs knows up to {version}")
+        return v
 
     def open_retrying(self, init: Any) -> None:
         """Run `init` (which may create or migrate the file) until no other opener is in the way."""

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from importlib import resources
 
-from ..errors import CatalogDamaged, CatalogError
+from ..errors import CatalogError
 from . import StatKey
 from ._db import Database
 
@@ -41,15 +40,7 @@ class HostDB(Database):
             return False
 
         def init() -> None:
-            if not os.path.exists(self.path):
-                self.create_whole(resources.files("artifactfs.catalog").joinpath("host.sql").read_text(),
-                                  HOST_SCHEMA_VERSION)
-            v = self.user_version()
-            if v == 0:
-                raise CatalogDamaged(f"{self.label} is empty or not an artifactfs host database")
-            if v > HOST_SCHEMA_VERSION:
-                raise CatalogError(f"{self.label} has schema version {v}; this artifactfs knows up to "
-                                   f"{HOST_SCHEMA_VERSION}")
+            self.create_or_check("host.sql", HOST_SCHEMA_VERSION)
             self.wal_mode()
 
         self.open_retrying(init)

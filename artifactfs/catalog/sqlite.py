@@ -8,7 +8,6 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from importlib import resources
 from typing import Any, TypeVar
 
 from ..errors import ArtifactFSError, CatalogDamaged, CatalogError, InvalidName, NotFound
@@ -41,15 +40,7 @@ class SQLiteCatalog(Database):
         self.open_retrying(self._init)
 
     def _init(self) -> None:
-        if not os.path.exists(self.path):
-            self.create_whole(resources.files("artifactfs.catalog").joinpath("schema.sql").read_text(),
-                              SCHEMA_VERSION)
-        v = self.user_version()
-        if v == 0:
-            raise CatalogDamaged(f"catalog {self.path} is empty or not an artifactfs catalog")
-        if v > SCHEMA_VERSION:
-            raise CatalogError(
-                f"catalog {self.path} has schema version {v}; this artifactfs knows up to {SCHEMA_VERSION}")
+        v = self.create_or_check("schema.sql", SCHEMA_VERSION)
         if v == 1:
             self._migrate_1_to_2()
         if v <= 2:
