@@ -24,7 +24,7 @@ def fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-COPY_STEP = 64 << 20  # copy_file_range per call when progress is shown
+COPY_STEP = 64 << 20  # copy_file_range per call (progress is told between calls)
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,31 +60,8 @@ def read_all(fd: int, size: int) -> bytes:
 
 
 def copy_fd(fd_in: int, fd_out: int, *, count: Count | None = None) -> None:
-    """Copy a whole file kernel-side (copy_file_range), else with read/write."""
-    step = COPY_STEP if count is not None else 1 << 30
-    os.lseek(fd_in, 0, os.SEEK_SET)
-    done = 0
-    try:
-        while n := os.copy_file_range(fd_in, fd_out, step):
-            done += n
-            if count is not None:
-                count(n)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    os.lseek(fd_in, 0, os.SEEK_SET)
-    os.lseek(fd_out, 0, os.SEEK_SET)
-    os.ftruncate(fd_out, 0)
-    if count is not None and done:
-        count(-done)  # starting over
-    while True:
-        b = os.read(fd_in, CHUNK)
-        if not b:
-            break
-        os.write(fd_out, b)
-        if count is not None:
-            count(len(b))
+    """Copy a whole file (as large as it is now) to the start of fd_out, kernel-side where it can."""
+    copy_range(fd_in, 0, os.fstat(fd_in).st_size, fd_out, count=count)
 
 
 def copy_range(fd_in: int, offset: int, size: int, fd_out: int, *, count: Count | None = None) -> None:

@@ -24,7 +24,7 @@ from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_c
 from .catalog.host import HostDB
 from .digests import Count, Digest, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull, one_line
-from .files import Fingerprint, copy_fd, copy_range, fingerprint, reflink
+from .files import Fingerprint, copy_range, fingerprint, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
 from .leases import Lease, held_blobs, pid_alive
 from .manifest import Manifest, ManifestEntry, manifest_digest
@@ -817,8 +817,6 @@ def _copy_readonly(reader: Reader, dest: str, *, mode: int = 0o444, expect: str 
             if whole and reflink(reader.fd, fd_out) == 0:
                 if count is not None:
                     count(reader.size)
-            elif whole:
-                copy_fd(reader.fd, fd_out, count=count)
             else:
                 copy_range(reader.fd, reader.base, reader.size, fd_out, count=count)
         finally:
