@@ -83,7 +83,6 @@ class Fsck:
         self.cat = store.catalog
         self.progress = progress
         self.report = FsckReport()
-        self._sink: list[Damage] | None = None  # where the per-version check running now reports
 
     def run(self, repair: bool = False, references: bool = False) -> FsckReport:
         per_version: list[VersionCheck] = [self.check_manifest_digest, self.check_entry_paths, self.check_blob_rows,
@@ -102,8 +101,7 @@ class Fsck:
         return self.report
 
     def _damage(self, kind: str, detail: str, blob: str | None = None, versions: list[str] | None = None) -> None:
-        (self._sink if self._sink is not None else self.report.damage).append(
-            Damage(kind, blob, versions or [], detail))
+        self.report.damage.append(Damage(kind, blob, versions or [], detail))
 
     def check_catalog_integrity(self) -> None:
         problems = self.cat.integrity_problems()
@@ -126,19 +124,11 @@ class Fsck:
 
     def _check_versions(self, checks: list[VersionCheck]) -> None:
         """Run each per-version check on every version, reading its entries once (six reads of
-        every row were half of fsck's time). Damage is reported check by check, as if each had
-        run over all versions in turn."""
-        found: list[list[Damage]] = [[] for _ in checks]
-        try:
-            for v in self.cat.version_list():
-                label, rows = f"{v.name}:v{v.idx}", self.cat.raw_entries(v.id)
-                for check, sink in zip(checks, found, strict=True):
-                    self._sink = sink
-                    check(label, rows, v)
-        finally:
-            self._sink = None
-            for sink in found:
-                self.report.damage.extend(sink)
+        every row were half of fsck's time); damage comes version by version."""
+        for v in self.cat.version_list():
+            label, rows = f"{v.name}:v{v.idx}", self.cat.raw_entries(v.id)
+            for check in checks:
+                check(label, rows, v)
 
     def check_blobs(self, repair: bool) -> None:
         """Every referenced blob exists and its content matches its name; others are garbage."""
