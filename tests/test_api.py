@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifactfs
-from artifactfs import Artifact, ArtifactFSError, DigestMismatch, InvalidName, Store
+from artifactfs import Artifact, ArtifactFSError, ArtifactVersion, DigestMismatch, InvalidName, Store
 from artifactfs.catalog.sqlite import SCHEMA_VERSION
 
 
@@ -982,13 +982,20 @@ def test_relog_of_an_unchanged_tree_restores_a_damaged_blob(store: Store, data_d
     v0.verify()
 
 
-def test_a_corrupt_blob_quarantined_by_fsck_is_restored_by_the_next_relog(store: Store, data_dir: Path) -> None:
+def log_dir_with_a_corrupt_blob(store: Store, data_dir: Path) -> ArtifactVersion:
+    """data_dir logged as ds:v0, then a.txt's blob overwritten with other bytes of the same
+    size: only a hash can see it, no stat."""
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
     v0 = store.log_artifact(art)
     blob = Path(store.blobs.path(v0.get_path("a.txt").blob or ""))
     os.chmod(blob, 0o644)
-    blob.write_bytes(b"ALPHA\n")  # same size, other bytes: only a hash sees it
+    blob.write_bytes(b"ALPHA\n")
+    return v0
+
+
+def test_a_corrupt_blob_quarantined_by_fsck_is_restored_by_the_next_relog(store: Store, data_dir: Path) -> None:
+    log_dir_with_a_corrupt_blob(store, data_dir)
     assert store.fsck(repair=True).quarantined
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
@@ -1093,12 +1100,7 @@ def test_get_of_a_reference_whose_stat_changed_but_not_its_bytes(store: Store, t
 @pytest.mark.parametrize("finder", ["fsck", "verify"])
 def test_a_corrupt_blob_of_the_right_size_found_by_fsck_or_verify_is_restored_by_a_relog(
         store: Store, data_dir: Path, finder: str) -> None:
-    art = Artifact("ds", type="dataset")
-    art.add_dir(data_dir)
-    v0 = store.log_artifact(art)
-    blob = Path(store.blobs.path(v0.get_path("a.txt").blob or ""))
-    os.chmod(blob, 0o644)
-    blob.write_bytes(b"ALPHA\n")  # same size, other bytes: a stat cannot see it
+    v0 = log_dir_with_a_corrupt_blob(store, data_dir)
     if finder == "fsck":
         assert not store.fsck().ok
     else:
