@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .blobs.packs import HEADER
 from .catalog import RawEntry, VersionRow
 from .digests import is_oid
 from .errors import CatalogError, InvalidName
@@ -131,23 +132,27 @@ class Fsck:
                 check(label, rows, v)
 
     def check_blobs(self, repair: bool) -> None:
-        """Every referenced blob exists and its content matches its name; others are garbage."""
+        """Every referenced blob exists, loose or packed, and its content matches its name; the
+        packs the catalog records are there and hold the ranges it locates in them; others are
+        garbage."""
         referenced = self.cat.referenced_blobs()
-        present = {b.oid: b for b in self.store.blobs.iter_blobs()}
-        for oid, st in present.items():
+        present = {b.oid: b.size for b in self.store.blobs.iter_blobs()}
+        packed = self._check_packs(referenced)
+        for oid, size in present.items():
             if oid not in referenced:
                 self.report.garbage_blobs += 1
-                self.report.garbage_bytes += st.size
+                self.report.garbage_bytes += size
         todo = sorted(referenced)
-        meter = Meter(self.progress, sum(present[o].size for o in todo if o in present))
+        meter = Meter(self.progress, sum(present.get(o, packed.get(o, 0)) for o in todo))
         for oid in todo:
-            if oid not in present:
+            if oid not in present and oid not in packed:
                 self._damage("missing-blob", f"blob {oid} is missing", oid, self.cat.versions_using_blob(oid))
                 continue
             try:
                 got = self.store.blobs.hash_blob(oid, count=meter.add).digest
             except OSError as e:
-                self._damage("unreadable-blob", f"blob {oid}: {e.strerror}", oid, self.cat.versions_using_blob(oid))
+                self._damage("unreadable-blob", f"blob {oid}: {e.strerror or e}", oid,
+                             self.cat.versions_using_blob(oid))
                 continue
             self.report.blobs_checked += 1
             if got != oid:
@@ -161,6 +166,34 @@ class Fsck:
                     self.store.blobs.mark_suspect(oid)  # the next log of its source writes it again
                 self._damage("corrupt-blob", detail, oid, versions)
         meter.finish()
+
+    def _check_packs(self, referenced: set[str]) -> dict[str, int]:
+        """The pack index against the pack files: the size of each packed blob whose range is
+        there (others are damage when referenced); unindexed packs and packed blobs nothing
+        refers to are garbage."""
+        files = {p.oid: p.size for p in self.store.blobs.iter_packs()}
+        usable: dict[str, int] = {}
+        known = set()
+        for p in self.cat.pack_list():
+            known.add(p.name)
+            size = files.get(p.name)
+            rows = self.cat.packed_in(p.id)
+            for oid, start, n in rows:
+                if oid not in referenced:
+                    self.report.garbage_blobs += 1
+                    self.report.garbage_bytes += n
+                if size is None or start < len(HEADER) or start + n > size:
+                    if oid in referenced:
+                        what = "is missing" if size is None else f"ends at {size} bytes, before {start + n}"
+                        self._damage("missing-blob", f"blob {oid}: its pack {p.name} {what}", oid,
+                                     self.cat.versions_using_blob(oid))
+                        self.store.blobs.mark_suspect(oid)  # located, but not there: written again
+                    continue
+                usable[oid] = n
+        for name, size in files.items():
+            if name not in known:  # a log that died before its commit
+                self.report.garbage_bytes += size
+        return usable
 
     def check_manifest_digest(self, label: str, rows: list[RawEntry], v: VersionRow) -> None:
         """A version's digest is the digest of its entries (no row added, lost or changed)."""

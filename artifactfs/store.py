@@ -11,18 +11,18 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, entry_of, needs_content
-from .blobs import BlobBackend, FileReader, Reader
-from .blobs.local import LocalBlobs
-from .catalog import Catalog, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
+from .blobs import BlobBackend, FileReader, Location, NewPack, Reader
+from .blobs.packs import HEADER, PACK_MAX, PackedBlobs, pack_hold
+from .catalog import Catalog, Collection, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
-from .digests import Count, Digest, hash_file, is_oid
+from .digests import Count, Digest, hash_bytes, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull, one_line
 from .files import Fingerprint, copy_range, fingerprint, reflink
 from .ingest import Hashed, Job, Meter, Progress, ingest
@@ -51,19 +51,35 @@ def default_root() -> str:
 
 # How long gc waits for live mounts to acknowledge the last delete (they poll every 0.5 s).
 MOUNT_ACK_TIMEOUT = 10.0
+# gc rewrites a pack once its live blobs fill less than this share of it: at most half of the
+# packed bytes are dead, and a pack is rewritten only after it lost half of what it held.
+REPACK_BELOW = 0.5
 GC_BATCH = 256  # blobs a backend is asked to delete at once
 
 
 @dataclass(frozen=True)
 class GCReport:
-    blobs_freed: int
-    bytes_freed: int
+    blobs_freed: int  # loose files removed, and packed blobs whose location was dropped
+    bytes_freed: int  # their sizes (a packed blob's space returns when its pack goes or is repacked)
     temp_files_removed: int
     dry_run: bool
     freed: list[str] = field(default_factory=list, repr=False)
     # Mounts that did not acknowledge the last delete in time (files of deleted versions open
     # there may fail to read once their blobs are gone).
     mounts_behind: list[str] = field(default_factory=list)
+    packs_removed: int = 0  # pack files removed: nothing live left in them, or debris of a dead log
+    repack: RepackReport | None = None  # the repack of sparse packs that followed
+
+
+@dataclass(frozen=True)
+class RepackReport:
+    blobs_moved: int  # blobs copied into new packs
+    packs_written: int
+    packs_removed: int
+    loose_removed: int  # loose blobs now packed
+    bytes_written: int
+    bytes_removed: int  # of the pack files and loose blobs removed
+    corrupt: list[str] = field(default_factory=list)  # blobs left where they were: their bytes are wrong
 
 
 class Store:
@@ -73,13 +89,14 @@ class Store:
                  blobs: BlobBackend | None = None) -> None:
         """Open the store at `root` (default: see default_root); `create=False` refuses a
         missing store instead of creating it. `blobs` puts the blobs in another backend than
-        files under `root` (the contract tests run the API over MemoryBlobs)."""
+        files under `root`, small ones packed (the contract tests run the API over MemoryBlobs,
+        and over LocalBlobs: every blob a file of its own)."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         root_dir = _store_dir(self.root, create)
         self.host = HostDB(root_dir)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         if blobs is None:
-            local = LocalBlobs(self.root)
+            local = PackedBlobs(self.root, self.catalog)
             if create:
                 local.ensure()
             blobs = local
@@ -139,7 +156,11 @@ class Store:
         alias_list = list(dict.fromkeys(names.check_alias(a) for a in aliases))
 
         with Lease(self.leases_dir) as lease:  # before anything names a blob: gc must leave it be
-            vid = self._log(artifact, alias_list, lease, progress)
+            try:
+                vid = self._log(artifact, alias_list, lease, progress)
+            except BaseException:
+                self.blobs.take_packs(lease, keep=False)  # nothing names them: gone at once
+                raise
         return self.artifact_by_id(vid)
 
     def _log(self, artifact: Artifact, alias_list: list[str], lease: Lease, progress: Progress | None) -> VersionId:
@@ -187,7 +208,7 @@ class Store:
         digest = manifest_digest(entries.values())
         # A re-log must leave the version whole: a blob of it that went missing or lost
         # bytes is written again from its source (a stat per blob).
-        self._restore_blobs(job_paths, hashed, lease)
+        cleared = self._restore_blobs(job_paths, hashed, lease)
         if digest != self.catalog.latest_digest(artifact.name):
             # Blobs of stat-cache hits are synced with the rest (they may come from a writer
             # that died before its sync); an unchanged re-log syncs nothing: they are the
@@ -195,14 +216,18 @@ class Store:
             self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed, strict=True) if h.cached and j.store)
         cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
         try:
-            self.blobs.sync()  # every blob durable before the transaction that names it commits
+            # Every blob durable before the transaction that names it commits.
+            packs = self.blobs.take_packs(lease)
+            self.blobs.sync()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
             raise
         commit = LogCommit(artifact.name, artifact.type, digest, artifact.description, artifact.metadata,
-                           time.time(), list(entries.values()), alias_list)
+                           time.time(), list(entries.values()), alias_list, packs)
         vid = self.catalog.commit_log(commit, lambda: self._ensure_blobs(entries, job_paths, lease))
+        if cleared:
+            self.blobs.clear_suspects(cleared)
         # After the commit, in this host's own database: a crash before it, or a host.db that
         # cannot be written, only costs a re-hash next time; the version is logged either way.
         try:
@@ -233,11 +258,12 @@ class Store:
         art = draft_from_wandb(name, load_manifest(manifest), base, type=type)
         return self.log_artifact(art, aliases=aliases, progress=progress)
 
-    def _restore_blobs(self, job_paths: list[tuple[str, Any]], hashed: list[Hashed], lease: Lease) -> None:
+    def _restore_blobs(self, job_paths: list[tuple[str, Any]], hashed: list[Hashed], lease: Lease) -> set[str]:
         """Write again, from the source just logged, every blob that is missing, has the wrong
         size, or was found corrupt (fsck, verify and --verify-reads note those: a stat cannot
         see a corrupt blob of the right size, and a re-log reads nothing the stat cache vouches
-        for)."""
+        for). The suspects written again: their notes go once the log has committed (a packed
+        copy is found only from then on)."""
         suspects = self.blobs.suspects()
         restored: set[str] = set()
         for (_path, item), h in zip(job_paths, hashed, strict=True):
@@ -247,13 +273,12 @@ class Store:
             if size != h.size or h.digest in suspects:
                 self.blobs.put_file(item.src, expect=Digest(h.digest), lease=lease, replace=size is not None)
                 restored.add(h.digest)
-        if restored & suspects:
-            self.blobs.sync()  # durable before the note that it was corrupt goes
-            self.blobs.clear_suspects(restored & suspects)
+        return restored & suspects
 
-    def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]], lease: Lease) -> None:
+    def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]],
+                      lease: Lease) -> list[NewPack]:
         """Inside the log's transaction: every blob it names must exist (gc may have taken one
-        in the moment before the log held it)."""
+        in the moment before the log held it). The packs it wrote them to."""
         src_of = {p: item.src for p, item in job_paths if isinstance(item, LocalFile)}
         rewrote = False
         for e in entries.values():
@@ -265,8 +290,10 @@ class Store:
                         "run `artifactfs fsck`")
                 self.blobs.put_file(src, expect=Digest(e.blob), lease=lease)
                 rewrote = True
+        packs = self.blobs.take_packs(lease)
         if rewrote:
             self.blobs.sync()
+        return packs
 
     def artifact_by_id(self, vid: int) -> ArtifactVersion:
         row = self.catalog.version_by_id(vid)
@@ -314,10 +341,11 @@ class Store:
     # -- maintenance --------------------------------------------------------------------------
 
     def gc(self, dry_run: bool = False, grace_seconds: float = 0,
-           progress: Progress | None = None) -> GCReport:
+           progress: Progress | None = None, *, repack: bool = True) -> GCReport:
         """Free at once every blob that no version refers to and no live log holds, and the temp
         files of processes that are gone. `grace_seconds` also spares what was written less
-        than that long ago. Progress is in bytes freed.
+        than that long ago. Progress is in bytes freed. Then, with `repack`, rewrite the packs
+        whose live blobs fill less than REPACK_BELOW of them (see `repack`).
 
         Holds the catalog's write lock while deleting, so a log cannot commit a reference to a
         blob between the moment gc finds it unreferenced and the moment it goes. First waits
@@ -328,34 +356,54 @@ class Store:
         cutoff = time.time() - grace_seconds
         deadline = time.monotonic() + MOUNT_ACK_TIMEOUT
 
-        def attempt(referenced: Callable[[], set[str]]) -> GCReport | None:
+        def attempt(col: Collection) -> tuple[GCReport, list[str]] | None:
             # Under the write lock: no delete can come between this check and the deletions.
             behind = [] if dry_run else self._mounts_behind()
             if behind and time.monotonic() < deadline:
                 return None  # wait outside the lock: the daemon's acknowledgement needs none, a log does
-            return self._collect(referenced, cutoff, dry_run, progress, behind)
+            return self._collect(col, cutoff, dry_run, progress, behind)
 
         while True:
-            report = self.catalog.collect(attempt)
-            if report is not None:
-                return report
+            got = self.catalog.collect(attempt)
+            if got is not None:
+                break
             time.sleep(0.05)
+        report, emptied = got
+        if not dry_run:
+            self.blobs.remove_packs(emptied)  # after the commit that dropped them: a crash leaves debris
+            if repack:
+                return replace(report, repack=self.repack(loose=False))
+        return report
 
     def _mounts_behind(self) -> list[str]:
         """Mountpoints of this host's live daemons that have not acknowledged the last delete."""
         deleted = self.catalog.deleted_generation()
         return [mp for mp, pid, _art, seen in self.host.mounts() if seen < deleted and pid_alive(pid)]
 
-    def _collect(self, referenced_blobs: Callable[[], set[str]], cutoff: float, dry_run: bool,
-                 progress: Progress | None, behind: list[str]) -> GCReport:
-        """The deletions of gc (the catalog's write lock is held)."""
-        # The listing first, the leases last: a blob renamed into place after the listing is no
-        # candidate, and a log holds every blob before it renames or reuses it.
+    def _collect(self, col: Collection, cutoff: float, dry_run: bool, progress: Progress | None,
+                 behind: list[str]) -> tuple[GCReport, list[str]]:
+        """The deletions of gc (the catalog's write lock is held); the names of the packs whose
+        files go once the transaction has committed."""
+        # The listings first, the leases last: a blob renamed into place (or a pack created)
+        # after the listing is no candidate, and a log holds every blob and pack before.
         listing = list(self.blobs.iter_blobs())
-        referenced = referenced_blobs()
+        pack_files = {p.oid: p for p in self.blobs.iter_packs()}
+        referenced = col.referenced()
+        packed = col.packed()
+        packs = col.packs()
         held = held_blobs(self.leases_dir, remove_dead=not dry_run)
         candidates = [b for b in listing if b.oid not in referenced and b.oid not in held and b.mtime < cutoff]
-        meter = Meter(progress, sum(b.size for b in candidates))
+        # Packed blobs: a pack's mtime is when its last blob was written.
+        young = {p.id for p in packs if p.name in pack_files and pack_files[p.name].mtime >= cutoff}
+        dead = [(oid, size) for oid, pack, size in packed
+                if oid not in referenced and oid not in held and pack not in young]
+        dead_oids = {oid for oid, _ in dead}
+        alive = {pack for oid, pack, _ in packed if oid not in dead_oids}
+        emptied = [p for p in packs if p.id not in alive and p.id not in young]
+        known = {p.name for p in packs}
+        debris = [f.oid for f in pack_files.values()
+                  if f.oid not in known and pack_hold(f.oid) not in held and f.mtime < cutoff]
+        meter = Meter(progress, sum(b.size for b in candidates) + sum(n for _, n in dead))
         freed: list[str] = []
         nbytes = 0
         size = {b.oid: b.size for b in candidates}
@@ -366,6 +414,13 @@ class Store:
             done = sum(size[o] for o in gone)
             nbytes += done
             meter.add(done)
+        if not dry_run:
+            col.unpack(sorted(dead_oids))
+            col.drop_packs([p.id for p in emptied])
+            self.blobs.remove_packs(debris)  # no row names them and no live log holds them
+        freed += [oid for oid, _ in dead]
+        nbytes += sum(n for _, n in dead)
+        meter.add(sum(n for _, n in dead))
         meter.finish()
         ntemp = 0
         for t in self.blobs.iter_temp():
@@ -373,7 +428,68 @@ class Store:
             if t.mtime < cutoff and not pid_alive(t.owner):
                 if dry_run or self.blobs.remove_temp(t.name):
                     ntemp += 1
-        return GCReport(len(freed), nbytes, ntemp, dry_run, freed, behind)
+        report = GCReport(len(freed), nbytes, ntemp, dry_run, freed, behind, len(emptied) + len(debris))
+        return report, [p.name for p in emptied]
+
+    def repack(self, *, loose: bool = True, below: float = REPACK_BELOW,
+               progress: Progress | None = None) -> RepackReport:
+        """Rewrite the packs whose live blobs fill less than `below` of them, and with `loose`
+        pack the small loose blobs versions refer to (a store logged before pack files). Every
+        blob moved is hashed on the way and a corrupt one left where it is; the new locations
+        are committed before anything is removed, so readers read on and a crash loses nothing.
+        Progress is in bytes copied."""
+        blobs = self.blobs
+        if not isinstance(blobs, PackedBlobs):
+            return RepackReport(0, 0, 0, 0, 0, 0)  # this backend keeps every blob as it is
+        sparse = [p for p in self.catalog.pack_list() if p.live < below * (p.size - len(HEADER))]
+        todo: list[tuple[str, Location | None]] = []
+        for p in sparse:
+            todo += [(oid, Location(p.id, start, n)) for oid, start, n in self.catalog.packed_in(p.id)]
+        loose_sizes: dict[str, int] = {}
+        if loose:
+            referenced = self.catalog.referenced_blobs()
+            loose_sizes = {b.oid: b.size for b in blobs.iter_blobs() if b.size < PACK_MAX and b.oid in referenced}
+            todo += [(oid, None) for oid in sorted(loose_sizes)]
+        meter = Meter(progress, sum(at.size if at is not None else loose_sizes[oid] for oid, at in todo))
+        moved = 0
+        corrupt: list[str] = []
+        unpacked: list[str] = []  # loose blobs to remove once packed
+        with Lease(self.leases_dir) as lease:
+            lease.hold_many(oid for oid, _ in todo)
+            try:
+                for oid, at in todo:
+                    if at is None and blobs.locate(oid) is not None:
+                        unpacked.append(oid)  # packed already (a repack that died before removing it)
+                        continue
+                    try:
+                        reader = blobs.open(oid, at)
+                    except FileNotFoundError:
+                        continue  # gc took it meanwhile: nothing refers to it
+                    try:
+                        data = reader.read_all()
+                    finally:
+                        reader.close()
+                    meter.add(len(data))
+                    if hash_bytes(data).digest != oid:
+                        log.warning("blob %s is corrupt; left where it is (run `artifactfs fsck`)", oid)
+                        blobs.mark_suspect(oid)
+                        corrupt.append(oid)
+                        continue
+                    blobs.repack_put(oid, data, lease)
+                    moved += 1
+                    if at is None:
+                        unpacked.append(oid)
+                packs = blobs.take_packs(lease)
+            except BaseException:
+                blobs.take_packs(lease, keep=False)
+                raise
+            removed = self.catalog.commit_repack(packs, [p.id for p in sparse]) if packs or sparse else []
+        meter.finish()
+        size_of = {p.name: p.size for p in sparse}
+        gone = blobs.remove_packs(removed)
+        loose_gone = blobs.remove_many(unpacked)
+        return RepackReport(moved, len(packs), len(gone), len(loose_gone), sum(p.size for p in packs),
+                            sum(size_of[n] for n in gone) + sum(loose_sizes.get(o, 0) for o in loose_gone), corrupt)
 
     def fsck(self, repair: bool = False, progress: Progress | None = None, *, references: bool = False) -> Any:
         """Check every invariant; with repair, quarantine corrupt blobs; with references, also

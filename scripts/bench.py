@@ -846,7 +846,7 @@ def build_scale_version(store_root: str, name: str, n: int) -> tuple[int, str]:
         seeds = [e for e in cat.entries(cat.versions_of(name)[-1].id) if e.blob is not None]
         rows = [seeds[i % len(seeds)]._replace(path=f"d{i // 1000:04d}/f{i % 1000:04d}.bin") for i in range(n)]
         vid = cat.commit_log(LogCommit(name, "dataset", manifest_digest(rows), "synthetic (scripts/bench scale)", {},
-                                       time.time(), rows, []), lambda: None)
+                                       time.time(), rows, []), lambda: [])
         row = cat.version_by_id(vid)
         assert row is not None
         mid = n // 2

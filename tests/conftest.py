@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import StoredBlob, stored_blobs
 
 from artifactfs import Store
 
@@ -101,24 +102,10 @@ def make_tree(tmp_path: Path) -> Callable[[str, dict[str, bytes]], Path]:
     return make
 
 
-def blob_files(root: str | os.PathLike[str]) -> dict[str, Path]:
-    """Every blob file under `<root>/blobs/xx/<blake3 hex>`: oid -> path."""
-    found: dict[str, Path] = {}
-    blobs = Path(root) / "blobs"
-    if not blobs.is_dir():
-        return found
-    for prefix in blobs.iterdir():
-        if len(prefix.name) != 2 or not prefix.is_dir():
-            continue
-        for f in prefix.iterdir():
-            if len(f.name) == 64 and f.name.startswith(prefix.name):
-                found[f.name] = f
-    return found
-
-
 @pytest.fixture
-def list_blobs() -> Callable[[str | os.PathLike[str]], dict[str, Path]]:
-    return blob_files
+def list_blobs() -> Callable[[str | os.PathLike[str]], dict[str, StoredBlob]]:
+    """Every blob of a store, loose or packed (helpers.stored_blobs)."""
+    return stored_blobs
 
 
 @pytest.fixture

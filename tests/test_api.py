@@ -13,7 +13,7 @@ from pathlib import Path
 import blake3
 import pytest
 import xxhash
-from helpers import catalog_sql, make_old_catalog
+from helpers import StoredBlob, catalog_sql, make_old_catalog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -203,7 +203,7 @@ def test_version_digest_depends_only_on_the_manifest(open_store, tmp_path: Path)
 def test_blob_is_named_by_blake3_of_content(store: Store) -> None:
     log_bytes(store, "ds", {"f": b"hello blobs"})
     oid = b3(b"hello blobs")
-    assert (Path(store.root) / "blobs" / oid[:2] / oid).read_bytes() == b"hello blobs"
+    assert (StoredBlob(store.root, oid)).read_bytes() == b"hello blobs"
 
 
 def test_identical_files_in_one_version_share_one_blob(store: Store, list_blobs) -> None:
@@ -231,8 +231,8 @@ def test_blob_files_are_read_only(store: Store, data_dir: Path, list_blobs) -> N
     store.log_artifact(art)
     blobs = list_blobs(store.root)
     assert blobs
-    for path in blobs.values():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path
+    for blob in blobs.values():
+        assert stat.S_IMODE(blob.stat().st_mode) == 0o444, blob.oid
 
 
 def test_blob_is_a_copy_not_a_hard_link_to_the_source(store: Store, data_dir: Path) -> None:
@@ -602,8 +602,7 @@ def test_verify_detects_a_corrupt_blob(store: Store, data_dir: Path) -> None:
     art.add_dir(data_dir)
     v = store.log_artifact(art)
     oid = b3(b"alpha\n")
-    blob = Path(store.root) / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store.root, oid)
     blob.write_bytes(b"alpha!\n")
     with pytest.raises(artifactfs.DigestMismatch):
         v.verify()
@@ -787,6 +786,25 @@ def test_a_version_3_catalog_hands_its_host_state_to_host_db(store_root: Path, d
     s.close()
 
 
+def test_a_store_from_before_pack_files_opens_reads_and_packs_on(
+        store_root: Path, data_dir: Path, data_files: dict[str, bytes], list_blobs) -> None:
+    s = Store(store_root)
+    art = Artifact("ds", type="dataset")
+    art.add_dir(data_dir)
+    s.log_artifact(art)
+    s.close()
+    make_old_catalog(store_root, 4)  # every blob loose, no pack tables
+    assert not any(b.packed for b in list_blobs(store_root).values())
+    s = Store(store_root)
+    assert s.catalog.user_version() == SCHEMA_VERSION  # type: ignore[attr-defined]
+    v = s.artifact("ds:v0")
+    assert {p: entry_bytes(v, p) for p in data_files} == data_files
+    log_bytes(s, "more", {"n.txt": b"new small file"})
+    assert list_blobs(store_root)[b3(b"new small file")].packed  # new small blobs are packed
+    assert s.fsck().ok
+    s.close()
+
+
 def test_gc_dry_run_deletes_nothing(store: Store, list_blobs) -> None:
     log_bytes(store, "ds", {"a": b"first"})
     log_bytes(store, "ds", {"a": b"second"})
@@ -824,7 +842,7 @@ def test_fsck_does_not_count_unreferenced_blobs_as_damage(store: Store) -> None:
 def test_fsck_reports_a_missing_blob_and_the_version_using_it(store: Store) -> None:
     log_bytes(store, "ds", {"a": b"kept", "b": b"to be lost"})
     oid = b3(b"to be lost")
-    (Path(store.root) / "blobs" / oid[:2] / oid).unlink()
+    (StoredBlob(store.root, oid)).unlink()
     report = store.fsck()
     assert not report.ok
     assert report.missing[oid] == ["ds:v0"]
@@ -834,8 +852,7 @@ def test_fsck_reports_a_missing_blob_and_the_version_using_it(store: Store) -> N
 def test_fsck_reports_a_corrupt_blob(store: Store) -> None:
     log_bytes(store, "ds", {"a": b"kept", "b": b"to be corrupted"})
     oid = b3(b"to be corrupted")
-    blob = Path(store.root) / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store.root, oid)
     blob.write_bytes(b"to be CORRUPTED")
     report = store.fsck()
     assert not report.ok
@@ -846,12 +863,11 @@ def test_fsck_reports_a_corrupt_blob(store: Store) -> None:
 def test_fsck_repair_quarantines_a_corrupt_blob(store: Store) -> None:
     log_bytes(store, "ds", {"a": b"kept", "b": b"to be corrupted"})
     oid = b3(b"to be corrupted")
-    blob = Path(store.root) / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store.root, oid)
     blob.write_bytes(b"to be CORRUPTED")
     store.fsck(repair=True)
     assert not blob.exists()
-    kept = [p for p in Path(store.root).rglob(oid) if p != blob]
+    kept = list((Path(store.root) / "quarantine").rglob(oid))
     assert [p.read_bytes() for p in kept] == [b"to be CORRUPTED"]  # evidence kept aside
     after = store.fsck()
     assert oid in after.missing and oid not in after.corrupt
@@ -860,8 +876,7 @@ def test_fsck_repair_quarantines_a_corrupt_blob(store: Store) -> None:
 def test_relogging_content_restores_a_quarantined_blob(store: Store) -> None:
     log_bytes(store, "ds", {"b": b"to be corrupted"})
     oid = b3(b"to be corrupted")
-    blob = Path(store.root) / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store.root, oid)
     blob.write_bytes(b"garbage")
     store.fsck(repair=True)
     log_bytes(store, "other", {"b": b"to be corrupted"})
@@ -967,13 +982,11 @@ def test_relog_of_an_unchanged_tree_restores_a_damaged_blob(store: Store, data_d
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
     v0 = store.log_artifact(art)
-    blob = Path(store.blobs.path(v0.get_path("sub/b.bin").blob or ""))
+    blob = StoredBlob(store.root, v0.get_path("sub/b.bin").blob or "")
     if damage == "missing":
         blob.unlink()
     else:
-        os.chmod(blob, 0o644)
-        with open(blob, "r+b") as f:
-            f.truncate(10)
+        blob.truncate(10)
     assert not store.fsck().ok
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
@@ -988,8 +1001,7 @@ def log_dir_with_a_corrupt_blob(store: Store, data_dir: Path) -> ArtifactVersion
     art = Artifact("ds", type="dataset")
     art.add_dir(data_dir)
     v0 = store.log_artifact(art)
-    blob = Path(store.blobs.path(v0.get_path("a.txt").blob or ""))
-    os.chmod(blob, 0o644)
+    blob = StoredBlob(store.root, v0.get_path("a.txt").blob or "")
     blob.write_bytes(b"ALPHA\n")
     return v0
 

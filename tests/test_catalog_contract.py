@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs import ArtifactFSError, InvalidName, NotFound
-from artifactfs.catalog import Catalog, EntryRow, LogCommit, VersionId
+from artifactfs.catalog import Catalog, Collection, EntryRow, LogCommit, VersionId
 from artifactfs.catalog.sqlite import SQLiteCatalog
 
 FACTORIES: dict[str, Callable[[Path], Catalog]] = {
@@ -50,7 +50,7 @@ def rows(*paths: str, blob_of: Callable[[str], str] = lambda p: blob(len(p))) ->
 def commit(cat: Catalog, name: str, entries: list[EntryRow], aliases: list[str] = (), *,  # type: ignore[assignment]
            digest: str | None = None, type: str = "dataset") -> VersionId:
     d = digest if digest is not None else "|".join(e.path + e.digest for e in entries)
-    return cat.commit_log(LogCommit(name, type, d, None, {"k": 1}, time.time(), entries, list(aliases)), lambda: None)
+    return cat.commit_log(LogCommit(name, type, d, None, {"k": 1}, time.time(), entries, list(aliases)), lambda: [])
 
 
 # -- logs --------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_the_latest_digest_again_returns_the_latest_version_with_the_new_aliases
     v0 = commit(cat, "ds", rows("a"), digest="D")
     ensured: list[int] = []
     again = cat.commit_log(LogCommit("ds", "dataset", "D", None, {}, time.time(), rows("a"), ["prod"]),
-                           lambda: ensured.append(1))
+                           lambda: ensured.append(1) or [])
     assert again == v0 and ensured == []  # nothing new is inserted, so nothing to ensure
     assert cat.aliases_of(v0) == ["latest", "prod"] and cat.latest_digest("ds") == "D"
 
@@ -206,11 +206,11 @@ def test_collect_holds_the_write_lock(make: Callable[[], Catalog]) -> None:
     t = threading.Thread(target=log)
     t.start()
 
-    def fn(referenced: Callable[[], set[str]]) -> set[str]:
+    def fn(col: Collection) -> set[str]:
         inside.set()
         time.sleep(0.3)
         order.append("gc done")
-        return referenced()
+        return col.referenced()
 
     assert gc_side.collect(fn) == {blob(1)}
     t.join(10)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from helpers import b3
+from helpers import StoredBlob, b3
 
 from artifactfs import Artifact, Store
 
@@ -31,7 +31,7 @@ def age_blobs(root: Path, seconds: float = 7200) -> None:
     """Make every blob look `seconds` old, so gc's default grace period does not cover it."""
     old = time.time() - seconds
     for prefix in (root / "blobs").iterdir():
-        if len(prefix.name) == 2:
+        if len(prefix.name) == 2 or prefix.name == "packs":
             for f in prefix.iterdir():
                 os.utime(f, (old, old))
 
@@ -226,7 +226,7 @@ def test_fsck_sound_store_exits_zero(cli, logged: Path) -> None:
 def test_fsck_missing_blob_exits_nonzero_naming_digest_and_version(
         cli, store_root: Path, logged: Path) -> None:
     oid = b3(b"alpha\n")
-    (store_root / "blobs" / oid[:2] / oid).unlink()
+    (StoredBlob(store_root, oid)).unlink()
     proc = cli("fsck")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -237,8 +237,7 @@ def test_fsck_missing_blob_exits_nonzero_naming_digest_and_version(
 
 def test_fsck_corrupt_blob_exits_nonzero_naming_digest(cli, store_root: Path, logged: Path) -> None:
     oid = b3(b"alpha\n")
-    blob = store_root / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store_root, oid)
     blob.write_bytes(b"ALPHA\n")
     proc = cli("fsck")
     assert proc.returncode != 0
@@ -254,8 +253,7 @@ def test_fsck_unreferenced_blob_is_not_damage(cli, make_tree) -> None:
 
 def test_fsck_repair_quarantines_a_corrupt_blob(cli, store_root: Path, logged: Path) -> None:
     oid = b3(b"alpha\n")
-    blob = store_root / "blobs" / oid[:2] / oid
-    blob.chmod(0o644)
+    blob = StoredBlob(store_root, oid)
     blob.write_bytes(b"ALPHA\n")
     cli("fsck", "--repair")
     assert not blob.exists()

@@ -152,34 +152,64 @@ def connect(*args, **kwargs):
 
 sqlite3.connect = connect
 
-# File operations on blob temp files.
+# File operations on blob temp files and pack files.
 tmpdir = os.path.join(cfg["root"], "blobs", "tmp")
-tmp_fds = set()
-_open, _write, _replace, _unlink = os.open, os.write, os.replace, os.unlink
+packdir = os.path.join(cfg["root"], "blobs", "packs")
+tmp_fds, pack_fds, packdir_fds = set(), set(), set()
+_open, _write, _pwrite, _fsync = os.open, os.write, os.pwrite, os.fsync
+_replace, _unlink = os.replace, os.unlink
 
 
 def is_tmp(path):
     return isinstance(path, str) and path.startswith(tmpdir + os.sep)
 
 
+def is_pack(path):
+    return isinstance(path, str) and path.startswith(packdir + os.sep)
+
+
 def open_(path, flags, mode=0o777, *, dir_fd=None):
     fd = _open(path, flags, mode, dir_fd=dir_fd)
+    for s in (tmp_fds, pack_fds, packdir_fds):
+        s.discard(fd)
     if is_tmp(path):
         tmp_fds.add(fd)
         trap.hit("open-tmp", "after")
-    else:
-        tmp_fds.discard(fd)
+    elif is_pack(path) and flags & os.O_CREAT:
+        pack_fds.add(fd)
+        trap.hit("open-pack", "after")
+    elif path == packdir:
+        packdir_fds.add(fd)
     return fd
 
 
 def write_(fd, data):
-    mine = fd in tmp_fds
-    if mine:
-        trap.hit("write-tmp", "before")
+    kind = "write-tmp" if fd in tmp_fds else "write-pack" if fd in pack_fds else None
+    if kind:
+        trap.hit(kind, "before")
     n = _write(fd, data)
-    if mine:
-        trap.hit("write-tmp", "after")
+    if kind:
+        trap.hit(kind, "after")
     return n
+
+
+def pwrite_(fd, data, offset):
+    kind = "write-pack" if fd in pack_fds else None
+    if kind:
+        trap.hit(kind, "before")
+    n = _pwrite(fd, data, offset)
+    if kind:
+        trap.hit(kind, "after")
+    return n
+
+
+def fsync_(fd):
+    kind = "fsync-pack" if fd in pack_fds else "fsync-packdir" if fd in packdir_fds else None
+    if kind:
+        trap.hit(kind, "before")
+    _fsync(fd)
+    if kind:
+        trap.hit(kind, "after")
 
 
 def replace_(src, dst, **kwargs):
@@ -192,15 +222,15 @@ def replace_(src, dst, **kwargs):
 
 
 def unlink_(path, **kwargs):
-    mine = is_tmp(path)
-    if mine:
-        trap.hit("unlink-tmp", "before")
+    kind = "unlink-tmp" if is_tmp(path) else "unlink-pack" if is_pack(path) else None
+    if kind:
+        trap.hit(kind, "before")
     _unlink(path, **kwargs)
-    if mine:
-        trap.hit("unlink-tmp", "after")
+    if kind:
+        trap.hit(kind, "after")
 
 
-os.open, os.write, os.replace, os.unlink = open_, write_, replace_, unlink_
+os.open, os.write, os.pwrite, os.fsync, os.replace, os.unlink = open_, write_, pwrite_, fsync_, replace_, unlink_
 
 
 def wrap(owner, attr, kind):
@@ -252,21 +282,27 @@ class Moment:
 
 
 MOMENTS = [
-    # blob writes of a log (order of new blobs: a.txt, b.txt, big.bin, c.txt, dup1.txt, sub/d.txt, notes.txt)
+    # blob writes of a log. New small blobs go to one pack, in this order: a.txt, b.txt, c.txt,
+    # dup1.txt, sub/d.txt, notes.txt; big.bin (9 MiB) is a loose blob (a temp file, renamed).
+    Moment("log-pack-created", "log", "open-pack", k=1),
+    Moment("log-pack-header-written", "log", "write-pack", k=1),
+    Moment("log-pack-before-first-blob", "log", "write-pack", when="before", k=2),
+    Moment("log-pack-blobs-written-3", "log", "write-pack", k=4),
+    Moment("log-pack-all-blobs-written", "log", "write-pack", k=7),
+    Moment("log-pack-fsync-before", "log", "fsync-pack", when="before", k=1),
+    Moment("log-pack-fsynced", "log", "fsync-pack", k=1),
+    Moment("log-pack-name-synced", "log", "fsync-packdir", k=1),
     Moment("log-blob-tmp-created-1", "log", "open-tmp", k=1),
-    Moment("log-blob-tmp-created-4", "log", "open-tmp", k=4),
-    Moment("log-blob-tmp-before-write-1", "log", "write-tmp", when="before", k=1),
-    Moment("log-blob-tmp-written-2", "log", "write-tmp", k=2),
     Moment("log-blob-rename-1-before", "log", "rename-blob", when="before", k=1),
-    Moment("log-blob-renamed-1", "log", "rename-blob", k=1),
     Moment("log-large-blob-copied", "log", "copy-large", k=1),
-    Moment("log-large-blob-renamed", "log", "rename-blob", k=3),
-    Moment("log-all-blobs-renamed", "log", "rename-blob", k=7),
+    Moment("log-large-blob-renamed", "log", "rename-blob", k=1),
     Moment("log-sync-before", "log", "sync", when="before"),
     Moment("log-sync-after", "log", "sync"),
     # the catalog transaction of a log
     Moment("log-txn-begun", "log", "sql", target="BEGIN IMMEDIATE"),
     Moment("log-txn-latest-read", "log", "sql", target="SELECT v.id, v.digest"),
+    Moment("log-txn-pack-inserted", "log", "sql", target="INSERT INTO packs"),
+    Moment("log-txn-locations-inserted", "log", "sql", target="INSERT OR IGNORE INTO packed"),
     Moment("log-txn-version-inserted", "log", "sql", target="INSERT INTO versions"),
     Moment("log-txn-next-index-bumped", "log", "sql", target="UPDATE artifacts"),
     Moment("log-txn-entries-inserted", "log", "sql", target="INSERT INTO entries"),
@@ -295,8 +331,17 @@ MOMENTS = [
     Moment("delete-committed", "delete", "sql", target="COMMIT", committed=True),
     # gc
     Moment("gc-first-blobs-removed", "gc", "remove-blob", k=1),  # gc removes in batches
+    Moment("gc-locations-dropped", "gc", "sql", target="DELETE FROM packed WHERE oid"),
     Moment("gc-temp-file-removed", "gc", "unlink-tmp", k=1),
     Moment("gc-commit-before", "gc", "sql", when="before", target="COMMIT"),
+    # ... then gc repacks ds:v0's pack, which fell below half live (only shared.txt is)
+    Moment("gc-repack-pack-created", "gc", "open-pack", k=1),
+    Moment("gc-repack-blob-written", "gc", "write-pack", k=2),
+    Moment("gc-repack-fsynced", "gc", "fsync-pack", k=1),
+    Moment("gc-repack-moved", "gc", "sql", target="INSERT INTO packed"),
+    Moment("gc-repack-commit-before", "gc", "sql", when="before", target="COMMIT", k=2),
+    Moment("gc-repack-committed", "gc", "sql", target="COMMIT", k=2),
+    Moment("gc-repack-old-pack-removed", "gc", "unlink-pack", k=1),
 ]
 
 # -- fixtures and helpers ------------------------------------------------------------------------
@@ -445,7 +490,8 @@ def test_gc_after_the_kill_removes_only_garbage(crashed: Path, open_store) -> No
     s.gc(grace_seconds=0)
     report = s.fsck()
     assert report.ok, [str(d) for d in report.damage]
-    assert report.garbage_blobs == 0
+    assert report.garbage_blobs == 0 and report.garbage_bytes == 0  # no pack left that no row names
+    assert [p.name for p in s.catalog.pack_list() if p.live == 0] == []
 
 
 def test_same_change_succeeds_after_the_kill(killed: Killed, crashed: Path, crash_src: str, open_store) -> None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import log_files
+from helpers import StoredBlob, log_files
 
 from artifactfs import CatalogError, Store
 from artifactfs.manifest import ManifestEntry, manifest_digest
@@ -45,12 +45,13 @@ def blob_of(root: Path, version_index: int, path: str) -> str:
                          "WHERE v.idx = ? AND e.path = ?", (version_index, path)).fetchone()[0]
 
 
-def blob_path(root: Path, oid: str) -> Path:
-    return root / "blobs" / oid[:2] / oid
+def blob_path(root: Path, oid: str) -> StoredBlob:
+    return StoredBlob(root, oid)
 
 
 def all_blobs(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in (root / "blobs").glob("??/*")}
+    """The bytes of every loose blob file and pack file (read without the catalog: it may be damaged)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in [*root.glob("blobs/??/*"), *root.glob("blobs/packs/*")]}
 
 
 # -- the CLI on a damaged catalog -----------------------------------------------------------------
@@ -171,10 +172,7 @@ def test_check_blobs_finds_a_missing_blob_and_the_versions_it_hits(open_store, b
 
 
 def corrupt_blob(root: Path, oid: str, data: bytes = b"rotten bits\n") -> None:
-    p = blob_path(root, oid)
-    os.chmod(p, 0o644)
-    p.write_bytes(data)
-    os.chmod(p, 0o444)
+    blob_path(root, oid).write_bytes(data)
 
 
 def test_check_blobs_finds_a_corrupt_blob_and_the_versions_it_hits(open_store, built: Path) -> None:
@@ -335,10 +333,12 @@ def test_fsck_without_repair_leaves_a_corrupt_blob_in_place(open_store, built: P
 
 
 def test_fsck_repair_quarantines_a_corrupt_blob(open_store, built: Path, corrupt_shared: str) -> None:
+    corrupted = blob_path(built, corrupt_shared).read_bytes()
+    assert corrupted.startswith(b"rotten bits")
     report = fsck(open_store, built, repair=True)
     assert report.quarantined == [corrupt_shared]
     assert not blob_path(built, corrupt_shared).exists()
-    assert (built / "quarantine" / corrupt_shared).read_bytes() == b"rotten bits\n"
+    assert (built / "quarantine" / corrupt_shared).read_bytes() == corrupted
 
 
 def test_fsck_repair_names_the_versions_a_corrupt_blob_hits(open_store, built: Path, corrupt_shared: str) -> None:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import b3
+from helpers import StoredBlob, b3
 
 from artifactfs import Artifact, Store
 
@@ -171,8 +171,7 @@ def test_unchanged_relog_syncs_no_blob_and_a_new_version_syncs_the_ones_it_reuse
 def test_new_version_reusing_a_cached_blob_that_gc_took_stores_it_again(
         store: Store, data_dir: Path, data_files, tmp_path: Path) -> None:
     log_tree(store, data_dir)
-    gone = Path(store.blobs.path(b3(data_files["a.txt"])))
-    os.chmod(gone, 0o644)
+    gone = StoredBlob(store.root, b3(data_files["a.txt"]))
     gone.unlink()  # as a gc would after a delete
     (data_dir / "new.txt").write_bytes(b"a new file\n")
     v = log_tree(store, data_dir)

@@ -11,13 +11,13 @@ import errno
 import math
 import os
 import random
-import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from fusehelpers import Mounter, mounter, wait_until  # noqa: F401
+from helpers import StoredBlob
 from mountchurn import Churner, Readers, log_files, read_range
 
 from artifactfs import Artifact, Store
@@ -28,10 +28,10 @@ pytestmark = pytest.mark.fuse
 MiB = 1 << 20
 
 
-def blob_path(store: Store, spec: str, entry: str) -> Path:
+def blob_path(store: Store, spec: str, entry: str) -> StoredBlob:
     blob = store.artifact(spec).get_path(entry).blob
     assert blob is not None
-    return Path(store.blobs.path(blob))
+    return StoredBlob(store.root, blob)
 
 
 # -- an open file outlives its version ----------------------------------------------------------
@@ -159,19 +159,12 @@ def test_reader_of_one_version_gets_exact_bytes_while_others_are_logged_deleted_
 # -- --verify-reads ---------------------------------------------------------------------------
 
 
-def corrupt(path: Path, offset: int = 100) -> bytes:
+def corrupt(blob: StoredBlob, offset: int = 100) -> bytes:
     """Flip bytes of a blob in place, keeping its size (as bit rot or a stray write would)."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    os.chmod(path, mode | stat.S_IWUSR)
-    try:
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            old = f.read(16)
-            f.seek(offset)
-            f.write(bytes(b ^ 0xFF for b in old))
-    finally:
-        os.chmod(path, mode)
-    return path.read_bytes()
+    data = bytearray(blob.read_bytes())
+    data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
+    blob.write_bytes(bytes(data))
+    return blob.read_bytes()
 
 
 @pytest.fixture

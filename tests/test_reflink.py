@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs import Artifact, Store
+from artifactfs.blobs.packs import PACK_MAX
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def shared_extents(path: str) -> bool:
     return "shared" in out
 
 
-@pytest.mark.parametrize("size", [100_000, 20 << 20], ids=["small", "large"])
+@pytest.mark.parametrize("size", [PACK_MAX + 100_000, 20 << 20], ids=["small", "large"])  # a file of its own
 def test_blob_is_a_reflink_clone_of_its_source(xfs: Path, size: int) -> None:
     src = xfs / "src.bin"
     data = os.urandom(size)
@@ -66,11 +67,11 @@ def test_a_failed_clone_from_another_filesystem_leaves_reflinks_on_for_this_one(
     store = Store(xfs / "store")
     elsewhere = Artifact("x")
     with elsewhere.new_file("staged.bin", mode="wb") as f:  # staged in $TMPDIR, not on the XFS
-        f.write(os.urandom(100_000))
+        f.write(os.urandom(PACK_MAX + 100_000))
     store.log_artifact(elsewhere)
     assert store.blobs.no_reflink_from  # that clone failed, and was remembered for its filesystem
     src = xfs / "src.bin"
-    src.write_bytes(os.urandom(100_000))
+    src.write_bytes(os.urandom(PACK_MAX + 100_000))
     a = Artifact("y")
     a.add_file(str(src))
     blob = store.blobs.path(store.log_artifact(a).get_path("src.bin").blob or "")

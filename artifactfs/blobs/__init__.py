@@ -6,8 +6,11 @@ checked by the same contract tests (tests/test_blobs_contract.py). No blob path 
 protocol: a blob is opened by its id as a `Reader`, which the read path calls. A Reader is a
 local descriptor and a base offset, because every backend serves reads from a local file (a
 loose blob, a range of a pack file, the host cache of a bucket): a read stays one `pread`, and
-reflink and copy_file_range work from it. Descriptors may be shared between Readers (a pack),
-so nothing keys open files by descriptor.
+reflink and copy_file_range work from it. Nothing keys open files by descriptor.
+
+Small blobs may live in pack files (blobs/packs.py): a blob is then a `Location`, a range of a
+pack, which the catalog records; the read path carries it in the node and opens the range
+without asking the catalog.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..digests import CHUNK, Count, Digest, Hashes
 from ..errors import DigestMismatch
 
 __all__ = ["BlobBackend", "Reader", "FileReader", "BlobInfo", "TempInfo", "PutResult", "Holder", "hash_reader",
-           "BlobsBase"]
+           "BlobsBase", "Location", "NewPack"]
 
 
 class Reader(Protocol):
@@ -122,6 +125,25 @@ class PutResult:
     md5: str | None = None
 
 
+class Location(NamedTuple):
+    """Where a packed blob lives: `size` bytes at `offset` of pack `pack` (the catalog's pack id)."""
+
+    pack: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class NewPack:
+    """A pack a log wrote, made durable, for its catalog commit to record: its file name and
+    size, and (blob id, offset, size) of each blob in it."""
+
+    name: str
+    size: int
+    blobs: list[tuple[str, int, int]]
+    replaces: frozenset[str] = frozenset()  # blobs written again (found corrupt): they move here
+
+
 class Holder(Protocol):
     """Makes blob ids known to gc before the blobs are written or reused (a log's lease)."""
 
@@ -131,7 +153,23 @@ class Holder(Protocol):
 
 
 class BlobsBase:
-    """What every backend does the same way on top of its own `has` and `put_file_stat`."""
+    """What every backend does the same way on top of its own `has` and `put_file_stat`; a
+    backend without pack files keeps the defaults of the pack methods."""
+
+    def locate(self, oid: str) -> Location | None:
+        return None
+
+    def take_packs(self, lease: Holder | None, *, keep: bool = True) -> list[NewPack]:
+        return []
+
+    def iter_packs(self) -> Iterator[BlobInfo]:
+        return iter(())
+
+    def remove_packs(self, names: Iterable[str]) -> list[str]:
+        return []
+
+    def forget_packs(self) -> None:
+        return None
 
     def has(self, oid: str) -> bool:
         raise NotImplementedError
@@ -176,8 +214,14 @@ class BlobBackend(Protocol):
         """The size of a present blob, or None when it is missing."""
         ...
 
-    def open(self, oid: str) -> Reader:
-        """The blob, to read; FileNotFoundError when it is missing."""
+    def open(self, oid: str, at: Location | None = None) -> Reader:
+        """The blob, to read; FileNotFoundError when it is missing. With `at` (where the catalog
+        said it is packed) the range is opened without a lookup; FileNotFoundError when that
+        pack is gone (a repack moved the blob: `locate` says where to)."""
+        ...
+
+    def locate(self, oid: str) -> Location | None:
+        """Where a packed blob lives now (None: loose, or missing)."""
         ...
 
     def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
@@ -205,11 +249,31 @@ class BlobBackend(Protocol):
         """Make every blob put or reused since the last sync durable."""
         ...
 
+    def take_packs(self, lease: Holder | None, *, keep: bool = True) -> list[NewPack]:
+        """The packs the puts under `lease` wrote since the last call, closed and durable: the
+        log's catalog commit records them (until then nothing can find their blobs). With
+        `keep=False` (the log failed) they are removed instead."""
+        ...
+
+    def forget_packs(self) -> None:
+        """Close kept descriptors of packs the catalog no longer has (after gc or a repack)."""
+        ...
+
     # -- listing and removing (gc, fsck) ----------------------------------------------------------
-    def iter_blobs(self) -> Iterator[BlobInfo]: ...
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every loose blob (packed ones are what the catalog locates)."""
+        ...
 
     def remove_many(self, oids: Iterable[str]) -> list[str]:
         """Delete blobs; the ones that were there to delete."""
+        ...
+
+    def iter_packs(self) -> Iterator[BlobInfo]:
+        """Every pack file (name, size, mtime), whether the catalog records it or not."""
+        ...
+
+    def remove_packs(self, names: Iterable[str]) -> list[str]:
+        """Delete pack files; the names of those that were there."""
         ...
 
     def iter_temp(self) -> Iterator[TempInfo]: ...

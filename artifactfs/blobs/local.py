@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from ..digests import Count, Digest, Hashes, hash_bytes, hash_fd, hash_file, is_oid
 from ..errors import maybe_full
 from ..files import CANNOT_CLONE, Halves, copy_fd, read_all, reflink, syncfs, unlink_quietly
-from . import BlobInfo, BlobsBase, FileReader, Holder, PutResult, TempInfo
+from . import BlobInfo, BlobsBase, FileReader, Holder, Location, PutResult, TempInfo
 
 __all__ = ["LocalBlobs", "SMALL_FILE", "FSYNC_MAX"]
 
@@ -93,7 +93,9 @@ class LocalBlobs(BlobsBase):
     def has(self, oid: str) -> bool:
         return os.path.exists(self.path(oid))
 
-    def open(self, oid: str) -> FileReader:
+    def open(self, oid: str, at: Location | None = None) -> FileReader:
+        if at is not None:
+            raise FileNotFoundError(f"no pack holds blob {oid} here")
         fd = os.open(self.path(oid), os.O_RDONLY | os.O_CLOEXEC)
         return FileReader(fd, os.fstat(fd).st_size)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from ..digests import Count, Hashes, hash_bytes, is_oid
 from ..files import read_all
-from . import BlobInfo, BlobsBase, FileReader, Holder, PutResult, TempInfo
+from . import BlobInfo, BlobsBase, FileReader, Holder, Location, PutResult, TempInfo
 
 __all__ = ["MemoryBlobs"]
 
@@ -50,7 +50,9 @@ class MemoryBlobs(BlobsBase):
             raise FileNotFoundError(f"no blob {oid}")
         return got[0]
 
-    def open(self, oid: str) -> FileReader:
+    def open(self, oid: str, at: Location | None = None) -> FileReader:
+        if at is not None:
+            raise FileNotFoundError(f"no pack holds blob {oid} here")
         data = self._content(oid)
         fd = os.memfd_create(f"blob-{oid[:16]}", os.MFD_CLOEXEC)
         try:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, NewType, Protocol, TypeVar
 
+from ..blobs import Location, NewPack
 from ..files import Fingerprint
 from ..tree import FILE, Kind
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .host import HostDB
 
 __all__ = ["Catalog", "EntryRow", "VersionRow", "VersionId", "ArtifactSnap", "Snapshot", "LogCommit",
-           "RawEntry", "StatKey", "open_catalog"]
+           "RawEntry", "StatKey", "open_catalog", "PackRow", "Collection"]
 
 VersionId = NewType("VersionId", int)
 StatKey = Fingerprint  # the stat cache is keyed by a file's fingerprint
@@ -43,6 +44,14 @@ class EntryRow(NamedTuple):
     kind: Kind = FILE  # fsck reports a stored kind that is none of the three
     executable: bool = False
     target: str | None = None  # a symlink's target
+    at: Location | None = None  # where its blob is packed (set by iter_entries and dir_children)
+
+
+class PackRow(NamedTuple):
+    id: int
+    name: str
+    size: int  # bytes of the file
+    live: int  # bytes of the blobs located in it
 
 
 class RawEntry(NamedTuple):
@@ -100,6 +109,29 @@ class LogCommit:
     created_at: float
     entries: list[EntryRow]
     aliases: list[str]  # besides "latest", which a new version always takes
+    packs: list[NewPack] = field(default_factory=list)  # the packs its blobs were written to
+
+
+class Collection(Protocol):
+    """What gc does inside the catalog's write lock (see `Catalog.collect`)."""
+
+    def referenced(self) -> set[str]:
+        """The blob ids versions refer to."""
+        ...
+
+    def packed(self) -> list[tuple[str, int, int]]:
+        """(blob id, pack id, size) of every packed blob."""
+        ...
+
+    def packs(self) -> list[PackRow]: ...
+
+    def unpack(self, oids: list[str]) -> None:
+        """Forget the locations of these blobs (their bytes stay in their packs until repacked)."""
+        ...
+
+    def drop_packs(self, ids: list[int]) -> None:
+        """Remove these packs (with what is located in them); mounts see the change."""
+        ...
 
 
 class Catalog(Protocol):
@@ -148,10 +180,34 @@ class Catalog(Protocol):
     def versions_using_blob(self, oid: str) -> list[str]: ...
 
     # -- whole operations -----------------------------------------------------------------------
-    def commit_log(self, c: LogCommit, ensure_blobs: Callable[[], None]) -> VersionId:
+    def commit_log(self, c: LogCommit, ensure_blobs: Callable[[], list[NewPack]]) -> VersionId:
         """Commit a log: the latest version when `c.digest` is its digest (with the new
-        aliases), else a new version with `c.entries`, after `ensure_blobs` has run inside the
-        transaction (it re-writes a blob gc took). The id of the version."""
+        aliases), else a new version with `c.entries` and the locations of `c.packs`, after
+        `ensure_blobs` has run inside the transaction (it re-writes a blob gc took, and returns
+        the packs it wrote). The id of the version."""
+        ...
+
+    def commit_repack(self, packs: list[NewPack], retiring: list[int]) -> list[str]:
+        """Record packs a repack wrote: each blob in them is located there from now on unless it
+        is already located in a pack not in `retiring`; then remove the retiring packs nothing
+        is located in any more. The names of the packs removed (their files are the caller's)."""
+        ...
+
+    # -- pack files ------------------------------------------------------------------------------
+    def locate(self, oid: str) -> Location | None: ...
+
+    def pack_names(self) -> dict[int, str]:
+        """Pack id -> file name of every pack."""
+        ...
+
+    def pack_list(self) -> list[PackRow]: ...
+
+    def packed_in(self, pack: int) -> list[tuple[str, int, int]]:
+        """(blob id, offset, size) of the blobs located in one pack, by offset."""
+        ...
+
+    def drop_locations(self, oids: list[str]) -> None:
+        """Forget where these blobs are packed (fsck --repair, after moving a corrupt one aside)."""
         ...
 
     def set_alias(self, vid: int, alias: str) -> None:
@@ -165,9 +221,9 @@ class Catalog(Protocol):
         it holds other aliases unless `delete_aliases`; NotFound if it is gone."""
         ...
 
-    def collect(self, fn: Callable[[Callable[[], set[str]]], T]) -> T:
-        """Run `fn(referenced)` holding the write lock, so no log commits a reference to a blob
-        gc is deleting; `referenced()` gives the blob ids versions refer to."""
+    def collect(self, fn: Callable[[Collection], T]) -> T:
+        """Run `fn` holding the write lock, in one transaction, so no log commits a reference to
+        a blob gc is deleting; the `Collection` it is given reads and changes the catalog there."""
         ...
 
     # -- for fsck: the rows as stored ----------------------------------------------------------

@@ -1,4 +1,4 @@
--- artifactfs catalog schema, version 4: what every host of a store shares (host.sql holds the
+-- artifactfs catalog schema, version 5: what every host of a store shares (host.sql holds the
 -- rest). Applied once to a new catalog; the version lives in
 -- PRAGMA user_version. Idempotent: every statement uses IF NOT EXISTS.
 
@@ -44,6 +44,24 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (version_id, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_blob ON entries(blob) WHERE blob IS NOT NULL;
+
+-- Pack files: small blobs appended to one file (<root>/blobs/packs/<name>.pack), written by a
+-- log and durable before the commit that adds their row; a pack file with no row is debris.
+CREATE TABLE IF NOT EXISTS packs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: a mount's nodes carry pack ids
+    name        TEXT NOT NULL UNIQUE,     -- the file name: 32 hex digits
+    size        INTEGER NOT NULL,         -- bytes of the file
+    created_at  REAL NOT NULL             -- unix time of the commit that added it
+);
+
+-- Where each packed blob lives: a blob is a location (a blob may also be a loose file).
+CREATE TABLE IF NOT EXISTS packed (
+    oid         TEXT PRIMARY KEY,         -- blob id (blake3 hex of the bytes at the location)
+    pack        INTEGER NOT NULL REFERENCES packs(id),
+    start       INTEGER NOT NULL,         -- byte offset in the pack file
+    size        INTEGER NOT NULL          -- bytes
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS packed_by_pack ON packed(pack);
 
 -- Aliases ("latest", "best", ...): each names exactly one version of its artifact.
 CREATE TABLE IF NOT EXISTS aliases (

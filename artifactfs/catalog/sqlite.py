@@ -7,24 +7,36 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from importlib import resources
 from typing import Any, TypeVar
 
+from ..blobs import Location, NewPack
 from ..errors import ArtifactFSError, CatalogDamaged, CatalogError, InvalidName, NotFound
-from . import ArtifactSnap, EntryRow, LogCommit, RawEntry, Snapshot, VersionId, VersionRow
-from ._db import Database, map_error
+from . import ArtifactSnap, EntryRow, LogCommit, PackRow, RawEntry, Snapshot, VersionId, VersionRow
+from ._db import Database, map_error, split_sql
 from .host import HostDB
 
 __all__ = ["SQLiteCatalog", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 T = TypeVar("T")
 
 _ENTRY_COLS = "path, digest, size, ref, blob, xxh128, extra, kind, executable, target"
+# The entries with where their blobs are packed, for the view (a LEFT JOIN on the blob id).
+_LOCATED = ("SELECT e.path, e.digest, e.size, e.ref, e.blob, e.xxh128, e.extra, e.kind, e.executable, e.target, "
+            "p.pack, p.start FROM entries e LEFT JOIN packed p ON p.oid = e.blob")
 
 
 def _entry_row(r: tuple[Any, ...]) -> EntryRow:
     return EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]), r[7], r[8] == 1, r[9])
+
+
+def _located_row(r: tuple[Any, ...]) -> EntryRow:
+    return EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], _extra(r[0], r[6]), r[7], r[8] == 1, r[9],
+                    None if r[10] is None else Location(r[10], r[11], r[2]))
 
 
 class SQLiteCatalog(Database):
@@ -37,7 +49,17 @@ class SQLiteCatalog(Database):
         if not create and not os.path.exists(path):
             raise CatalogError(f"no catalog at {path}")
         self._host = host
+        self._shared: sqlite3.Connection | None = None  # see locate()
+        self._shared_pid = 0
+        self._shared_lock = threading.Lock()
         self.open_retrying(self._init)
+
+    def close(self) -> None:
+        with self._shared_lock:
+            if self._shared is not None and self._shared_pid == os.getpid():
+                self._shared.close()
+            self._shared = None
+        super().close()
 
     def _init(self) -> None:
         v = self.create_or_check("schema.sql", SCHEMA_VERSION)
@@ -47,6 +69,8 @@ class SQLiteCatalog(Database):
             self._migrate_2_to_3()
         if v <= 3:
             self._migrate_3_to_4()
+        if v <= 4:
+            self._migrate_4_to_5()
         self.wal_mode()
 
     def _migrate_1_to_2(self) -> None:
@@ -77,6 +101,16 @@ class SQLiteCatalog(Database):
             if "md5" not in {r[1] for r in c.execute("PRAGMA table_info(stat_cache)")}:
                 c.execute("ALTER TABLE stat_cache ADD COLUMN md5 TEXT")
             c.execute("PRAGMA user_version = 3")
+
+    def _migrate_4_to_5(self) -> None:
+        """Version 5 adds pack files (tables packs and packed): the schema's own statements,
+        which are idempotent, create what is missing."""
+        with self.transaction():
+            if self.user_version() != 4:
+                return
+            for stmt in split_sql(resources.files("artifactfs.catalog").joinpath("schema.sql").read_text()):
+                self.conn.execute(stmt)
+            self.conn.execute("PRAGMA user_version = 5")
 
     def _migrate_3_to_4(self) -> None:
         """Version 4 leaves this host's state (stat cache, mounts) to host.db: its rows are
@@ -150,11 +184,11 @@ class SQLiteCatalog(Database):
     def iter_entries(self, vid: int) -> Iterator[EntryRow]:
         """The entries of a version in path order, streamed from the cursor (no list of all)."""
         try:
-            cur = self.conn.execute(f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? ORDER BY path", (vid,))
+            cur = self.conn.execute(f"{_LOCATED} WHERE e.version_id = ? ORDER BY e.path", (vid,))
             for r in cur:
                 # _entry_row inline: a mount builds its trees from this loop (a call per row showed).
                 yield EntryRow(r[0], r[1], r[2], r[3], r[4], r[5], {} if r[6] == "{}" else _extra(r[0], r[6]),
-                               r[7], r[8] == 1, r[9])
+                               r[7], r[8] == 1, r[9], None if r[10] is None else Location(r[10], r[11], r[2]))
         except sqlite3.Error as e:
             raise map_error(e, self.label) from e
 
@@ -167,14 +201,14 @@ class SQLiteCatalog(Database):
         The cursor is stepped lazily: SQLite reads no row we do not look at.
         """
         # Paths in the subtree of P + name are >= P + name + "/" and < P + name + "0".
-        cols = f"SELECT {_ENTRY_COLS} FROM entries WHERE version_id = ? AND path >= ?"
+        cols = f"{_LOCATED} WHERE e.version_id = ? AND e.path >= ?"
         start = prefix
         try:
             while True:
                 if prefix:
-                    cur = self.conn.execute(f"{cols} AND path < ? ORDER BY path", (vid, start, prefix[:-1] + "0"))
+                    cur = self.conn.execute(f"{cols} AND e.path < ? ORDER BY e.path", (vid, start, prefix[:-1] + "0"))
                 else:
-                    cur = self.conn.execute(f"{cols} ORDER BY path", (vid, start))
+                    cur = self.conn.execute(f"{cols} ORDER BY e.path", (vid, start))
                 for r in cur:
                     rest = r[0][len(prefix):]
                     slash = rest.find("/")
@@ -183,7 +217,7 @@ class SQLiteCatalog(Database):
                         yield name
                         start = prefix + name + "0"
                         break
-                    yield _entry_row(r)
+                    yield _located_row(r)
                 else:
                     return
                 cur.close()
@@ -245,14 +279,16 @@ class SQLiteCatalog(Database):
 
     # -- whole operations ----------------------------------------------------------------------
 
-    def commit_log(self, c: LogCommit, ensure_blobs: Callable[[], None]) -> VersionId:
+    def commit_log(self, c: LogCommit, ensure_blobs: Callable[[], list[NewPack]]) -> VersionId:
         with self.transaction():
             art_id, next_index = self._artifact_for_log(c.name, c.type, c.created_at)
             latest = self._latest_of(art_id)
+            # First: ensure_blobs finds their blobs (and a re-log may have re-written some).
+            self._insert_packs(c.packs, c.created_at)
             if latest is not None and latest[1] == c.digest:
                 self._move_aliases(art_id, latest[0], c.aliases)
                 return latest[0]
-            ensure_blobs()
+            self._insert_packs(ensure_blobs(), c.created_at)
             vid = self._insert_version(art_id, next_index, c)
             self._move_aliases(art_id, vid, ["latest", *c.aliases])
             return vid
@@ -298,9 +334,82 @@ class SQLiteCatalog(Database):
             c.execute("UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'generation') "
                       "WHERE key = 'deleted_generation'")
 
-    def collect(self, fn: Callable[[Callable[[], set[str]]], T]) -> T:
+    def collect(self, fn: Callable[[_Collection], T]) -> T:
         with self.transaction():
-            return fn(self.referenced_blobs)
+            return fn(_Collection(self))
+
+    def commit_repack(self, packs: list[NewPack], retiring: list[int]) -> list[str]:
+        with self.transaction():
+            c = self.conn
+            keep = ",".join(str(int(i)) for i in retiring) or "NULL"
+            for p in packs:
+                pid = self._insert_pack(p, time.time())
+                # Moved unless it is (still, or meanwhile) located in a pack that stays.
+                c.executemany(
+                    "INSERT INTO packed (oid, pack, start, size) VALUES (?, ?, ?, ?) ON CONFLICT (oid) DO UPDATE "
+                    f"SET pack = excluded.pack, start = excluded.start WHERE packed.pack IN ({keep})",
+                    ((oid, pid, start, size) for oid, start, size in p.blobs))
+            gone = [(int(r[0]), str(r[1])) for r in c.execute(
+                f"SELECT id, name FROM packs WHERE id IN ({keep}) AND NOT EXISTS "
+                "(SELECT 1 FROM packed WHERE pack = packs.id)")]
+            c.executemany("DELETE FROM packs WHERE id = ?", ((i,) for i, _ in gone))
+            self._bump_generation()  # mounts close their descriptors of the removed packs
+            return [name for _, name in gone]
+
+    # -- pack files -----------------------------------------------------------------------------
+
+    def locate(self, oid: str) -> Location | None:
+        # Ingest threads ask this for every small blob: they share one connection rather than
+        # open one each (connections of ended threads would outlive close(), and the WAL with
+        # them). A thread with its own (the log's, inside its commit) sees its own transaction.
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is not None and self._local.pid == os.getpid():
+                r = conn.execute("SELECT pack, start, size FROM packed WHERE oid = ?", (oid,)).fetchone()
+            else:
+                with self._shared_lock:
+                    if self._shared is None or self._shared_pid != os.getpid():
+                        self._shared = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                                       check_same_thread=False)
+                        self._shared_pid = os.getpid()
+                    r = self._shared.execute("SELECT pack, start, size FROM packed WHERE oid = ?", (oid,)).fetchone()
+        except sqlite3.Error as e:
+            raise map_error(e, self.label) from e
+        return None if r is None else Location(int(r[0]), int(r[1]), int(r[2]))
+
+    def pack_names(self) -> dict[int, str]:
+        return {int(r[0]): str(r[1]) for r in self.query("SELECT id, name FROM packs")}
+
+    def pack_list(self) -> list[PackRow]:
+        return [PackRow(int(r[0]), r[1], int(r[2]), int(r[3])) for r in self.query(
+            "SELECT k.id, k.name, k.size, COALESCE((SELECT SUM(size) FROM packed WHERE pack = k.id), 0) "
+            "FROM packs k ORDER BY k.id")]
+
+    def packed_in(self, pack: int) -> list[tuple[str, int, int]]:
+        return [(r[0], int(r[1]), int(r[2])) for r in self.query(
+            "SELECT oid, start, size FROM packed WHERE pack = ? ORDER BY start", (pack,))]
+
+    def drop_locations(self, oids: list[str]) -> None:
+        with self.transaction():
+            self.conn.executemany("DELETE FROM packed WHERE oid = ?", ((o,) for o in oids))
+            self._bump_generation()
+
+    def _insert_packs(self, packs: Iterable[NewPack], now: float) -> None:
+        for p in packs:
+            pid = self._insert_pack(p, now)
+            rows = [(oid, pid, start, size) for oid, start, size in p.blobs]
+            # A blob another log packed meanwhile keeps its first location; a re-written one
+            # (it was found corrupt) takes the new one.
+            self.conn.executemany("INSERT OR IGNORE INTO packed (oid, pack, start, size) VALUES (?, ?, ?, ?)",
+                                  (r for r in rows if r[0] not in p.replaces))
+            self.conn.executemany(
+                "INSERT INTO packed (oid, pack, start, size) VALUES (?, ?, ?, ?) ON CONFLICT (oid) DO UPDATE "
+                "SET pack = excluded.pack, start = excluded.start", (r for r in rows if r[0] in p.replaces))
+
+    def _insert_pack(self, p: NewPack, now: float) -> int:
+        pid = self.conn.execute("INSERT INTO packs (name, size, created_at) VALUES (?, ?, ?)",
+                                (p.name, p.size, now)).lastrowid
+        return int(pid or 0)
 
     # -- for fsck -----------------------------------------------------------------------------
 
@@ -382,6 +491,32 @@ class SQLiteCatalog(Database):
 
     def _bump_generation(self) -> None:
         self.conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+
+class _Collection:
+    """gc's view inside the write-lock transaction (see `Collection`)."""
+
+    def __init__(self, cat: SQLiteCatalog) -> None:
+        self._cat = cat
+
+    def referenced(self) -> set[str]:
+        return self._cat.referenced_blobs()
+
+    def packed(self) -> list[tuple[str, int, int]]:
+        return [(r[0], int(r[1]), int(r[2])) for r in self._cat.conn.execute("SELECT oid, pack, size FROM packed")]
+
+    def packs(self) -> list[PackRow]:
+        return self._cat.pack_list()
+
+    def unpack(self, oids: list[str]) -> None:
+        self._cat.conn.executemany("DELETE FROM packed WHERE oid = ?", ((o,) for o in oids))
+
+    def drop_packs(self, ids: list[int]) -> None:
+        c = self._cat.conn
+        c.executemany("DELETE FROM packed WHERE pack = ?", ((i,) for i in ids))
+        c.executemany("DELETE FROM packs WHERE id = ?", ((i,) for i in ids))
+        if ids:
+            self._cat._bump_generation()
 
 
 def _extra(path: str, text: Any) -> dict[str, Any]:

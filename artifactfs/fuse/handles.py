@@ -114,6 +114,8 @@ class Handles:
             return False
         snap = await trio.to_thread.run_sync(self.vfs.snapshot)
         inv = self.vfs.apply_snapshot(snap)
+        # Packs gc or a repack removed stay open only in the Readers that use them.
+        self.vfs.blobs.forget_packs()
         entries = list(inv.entries)
         for vr in inv.deleted:
             known = self.vfs.known_nodes(vr)

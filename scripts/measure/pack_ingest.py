@@ -116,7 +116,7 @@ def pack_prototype(paths: list[str], src: str, tmp: str, workers: int, commit: b
             rows = [EntryRow(os.path.relpath(p, src), d, n, None, d, x, {}) for p, (d, x, n, _, _) in zip(
                 paths, got, strict=True)]
             s.catalog.commit_log(LogCommit("tree", "dataset", manifest_digest(rows), None, {}, time.time(),
-                                           rows, ["latest"]), lambda: None)
+                                           rows, ["latest"]), lambda: [])
         return time.perf_counter() - t
     finally:
         for fd in fds:
