@@ -6,6 +6,7 @@ Every user error prints one line on stderr and exits non-zero; never a traceback
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,11 +18,22 @@ from typing import Any
 from . import __version__
 from .artifact import Artifact
 from .errors import ArtifactFSError, CatalogDamaged, one_line
-from .store import ArtifactVersion, Store, default_root
+from .store import REPACK_BELOW, ArtifactVersion, RepackReport, Store, default_root
 
 EXIT_ERROR = 1
 EXIT_DAMAGE = 3
 SHOW_LIMIT = 50  # entries `show` lists without --all
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {text}")
+    return x
 
 
 def _human(n: int | None) -> str:
@@ -264,15 +276,41 @@ def cmd_gc(store: Store, a: argparse.Namespace) -> int:
         r = store.gc(dry_run=a.dry_run, grace_seconds=a.grace, progress=prog)
     if a.json:
         _print_json({"dry_run": r.dry_run, "blobs_freed": r.blobs_freed, "bytes_freed": r.bytes_freed,
-                     "temp_files_removed": r.temp_files_removed, "mounts_behind": r.mounts_behind})
+                     "temp_files_removed": r.temp_files_removed, "packs_removed": r.packs_removed,
+                     "mounts_behind": r.mounts_behind, "repack": _repack_json(r.repack)})
     else:
         verb = "would free" if r.dry_run else "freed"
-        print(f"gc {verb} {plural(r.blobs_freed, 'blob')} ({_human(r.bytes_freed)}) and "
+        packs = f", {plural(r.packs_removed, 'pack')} emptied" if r.packs_removed else ""
+        print(f"gc {verb} {plural(r.blobs_freed, 'blob')} ({_human(r.bytes_freed)}){packs} and "
               f"{plural(r.temp_files_removed, 'temp file')}")
+        if r.repack is not None and r.repack.packs_removed:
+            _print_repack(r.repack)
     for mp in r.mounts_behind:
         print(f"warning: the mount at {mp} did not acknowledge the last delete in time; files of deleted "
               "versions open there may fail to read", file=sys.stderr)
     return 0
+
+
+def _repack_json(r: RepackReport | None) -> dict[str, object] | None:
+    return None if r is None else dataclasses.asdict(r)
+
+
+def _print_repack(r: RepackReport) -> None:
+    print(f"repacked {plural(r.blobs_moved, 'blob')} into {plural(r.packs_written, 'pack')} "
+          f"({_human(r.bytes_written)}); removed {plural(r.packs_removed, 'pack')} and "
+          f"{plural(r.loose_removed, 'loose blob')} ({_human(r.bytes_removed)})")
+    for oid in r.corrupt:
+        print(f"warning: blob {oid} is corrupt and was left where it is; run `artifactfs fsck`", file=sys.stderr)
+
+
+def cmd_repack(store: Store, a: argparse.Namespace) -> int:
+    with progress_bar("repacking") as prog:
+        r = store.repack(loose=not a.packs_only, below=a.below, progress=prog)
+    if a.json:
+        _print_json(_repack_json(r))
+    else:
+        _print_repack(r)
+    return EXIT_DAMAGE if r.corrupt else 0
 
 
 def cmd_fsck(store: Store, a: argparse.Namespace) -> int:
@@ -409,11 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("gc", "free the blobs no version uses and no running log holds", json_flag=True,
             epilog="Blobs of deleted versions go at once. gc first waits (up to 10 s) until every live mount has "
                    "acknowledged the last delete, so files of deleted versions open through a mount stay "
-                   "readable; a mount that does not answer is named on stderr.")
+                   "readable; a mount that does not answer is named on stderr. A pack file goes when nothing "
+                   f"in it is live; one less than {REPACK_BELOW:g} live is repacked (see `repack`).")
     s.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
     s.add_argument("--grace", type=float, default=0, metavar="SECONDS",
                    help="also keep unreferenced blobs written less than this long ago (default: 0)")
     s.set_defaults(func=cmd_gc)
+
+    s = add("repack", "pack small loose blobs, and rewrite packs that are mostly dead", json_flag=True,
+            epilog="Blobs below 1 MiB are appended to pack files as they are logged; a store logged before "
+                   "pack files keeps its small blobs as files of their own until this packs them. A pack "
+                   "whose live blobs fill less than --below of it is rewritten (gc does that part by itself). "
+                   "Every blob moved is hashed first; a corrupt one is left where it is and named (exit 3). "
+                   "Readers, mounts included, read on throughout.")
+    s.add_argument("--packs-only", action="store_true", help="rewrite sparse packs only; leave loose blobs be")
+    s.add_argument("--below", type=_fraction, default=REPACK_BELOW, metavar="FRACTION",
+                   help=f"rewrite packs less full of live blobs than this (default: {REPACK_BELOW})")
+    s.set_defaults(func=cmd_repack)
 
     s = add("fsck", "check the store; exit 3 on any damage (a damaged catalog too)", json_flag=True)
     s.add_argument("--repair", action="store_true",

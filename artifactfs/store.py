@@ -215,17 +215,28 @@ class Store:
             # latest version's.
             self.blobs.mark_unsynced(h.digest for j, h in zip(jobs, hashed, strict=True) if h.cached and j.store)
         cache_rows = [(*h.key, h.digest, h.xxh128, h.md5) for h in hashed if not h.cached]
+        packs: list[NewPack] = []
         try:
-            # Every blob durable before the transaction that names it commits.
-            packs = self.blobs.take_packs(lease)
-            self.blobs.sync()
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
+            try:
+                # Every blob durable before the transaction that names it commits.
+                packs += self.blobs.take_packs(lease)
+                self.blobs.sync()
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(e.errno, f"cannot sync the store: {e.strerror}") from e
+                raise
+            commit = LogCommit(artifact.name, artifact.type, digest, artifact.description, artifact.metadata,
+                               time.time(), list(entries.values()), alias_list, list(packs))
+
+            def ensure() -> list[NewPack]:
+                more = self._ensure_blobs(entries, job_paths, lease)
+                packs.extend(more)
+                return more
+
+            vid = self.catalog.commit_log(commit, ensure)
+        except BaseException:
+            self._drop_uncommitted(packs)
             raise
-        commit = LogCommit(artifact.name, artifact.type, digest, artifact.description, artifact.metadata,
-                           time.time(), list(entries.values()), alias_list, packs)
-        vid = self.catalog.commit_log(commit, lambda: self._ensure_blobs(entries, job_paths, lease))
         if cleared:
             self.blobs.clear_suspects(cleared)
         # After the commit, in this host's own database: a crash before it, or a host.db that
@@ -235,6 +246,17 @@ class Store:
         except (ArtifactFSError, OSError) as e:
             log.warning("the stat cache was not updated (the next log re-reads these files): %s", one_line(e))
         return vid
+
+    def _drop_uncommitted(self, packs: list[NewPack]) -> None:
+        """Remove the packs of a log that failed, unless its commit made it after all (an
+        interrupt right after COMMIT); when the catalog cannot say, gc takes them later."""
+        if not packs:
+            return
+        try:
+            known = set(self.catalog.pack_names().values())
+        except (ArtifactFSError, OSError):
+            return
+        self.blobs.remove_packs([p.name for p in packs if p.name not in known])
 
     def import_wandb(self, name: str, manifest: str | os.PathLike[str] | dict[str, Any],
                      root: str | os.PathLike[str] | None = None, *, type: str = "dataset",
@@ -437,7 +459,7 @@ class Store:
         pack the small loose blobs versions refer to (a store logged before pack files). Every
         blob moved is hashed on the way and a corrupt one left where it is; the new locations
         are committed before anything is removed, so readers read on and a crash loses nothing.
-        Progress is in bytes copied."""
+        A `below` above 1 rewrites every pack. Progress is in bytes copied."""
         blobs = self.blobs
         if not isinstance(blobs, PackedBlobs):
             return RepackReport(0, 0, 0, 0, 0, 0)  # this backend keeps every blob as it is

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from artifactfs import ArtifactFSError, InvalidName, NotFound
-from artifactfs.catalog import Catalog, Collection, EntryRow, LogCommit, VersionId
+from artifactfs.blobs import Location, NewPack
+from artifactfs.catalog import Catalog, Collection, EntryRow, LogCommit, PackRow, VersionId
 from artifactfs.catalog.sqlite import SQLiteCatalog
 
 FACTORIES: dict[str, Callable[[Path], Catalog]] = {
@@ -229,3 +230,75 @@ def test_rows_for_fsck(cat: Catalog) -> None:
     assert [(r.path, r.blob, r.extra, r.kind, r.executable) for r in raw] == [
         ("a", blob(1), "{}", "file", 0), ("b", blob(1), "{}", "file", 0)]
     assert sorted(cat.alias_list()) == [("ds", "best", 0), ("ds", "latest", 0)]
+
+
+# -- pack files ---------------------------------------------------------------------------------------------
+
+
+def pack(name: str, *blobs: tuple[str, int, int], replaces: frozenset[str] = frozenset()) -> NewPack:
+    return NewPack(name, 8 + sum(n for _, _, n in blobs), list(blobs), replaces)
+
+
+def test_a_log_records_its_packs_and_the_view_gets_the_locations(cat: Catalog) -> None:
+    p = pack("a" * 32, (blob(1), 8, 1), (blob(3), 9, 3))
+    entries = rows("a", "b/c")
+    vid = cat.commit_log(LogCommit("ds", "dataset", "D", None, {}, time.time(), entries, [], [p]), lambda: [])
+    [(pid, name)] = cat.pack_names().items()
+    assert name == "a" * 32
+    assert cat.locate(blob(3)) == Location(pid, 9, 3) and cat.locate(blob(2)) is None
+    assert [(e.path, e.at) for e in cat.iter_entries(vid)] == [("a", Location(pid, 8, 1)), ("b/c", Location(pid, 9, 3))]
+    assert [e.at for e in cat.dir_children(vid, "b/") if not isinstance(e, str)] == [Location(pid, 9, 3)]
+    assert cat.packed_in(pid) == [(blob(1), 8, 1), (blob(3), 9, 3)]
+    assert cat.pack_list() == [PackRow(pid, "a" * 32, 12, 4)]
+
+
+def test_a_blob_packed_twice_keeps_its_first_location_unless_it_was_written_again(cat: Catalog) -> None:
+    commit_with = lambda d, *packs: cat.commit_log(  # noqa: E731
+        LogCommit("ds", "dataset", d, None, {}, time.time(), rows("a"), [], list(packs)), lambda: [])
+    commit_with("1", pack("a" * 32, (blob(1), 8, 1)))
+    first = cat.locate(blob(1))
+    commit_with("2", pack("b" * 32, (blob(1), 8, 1)))  # another log packed it meanwhile
+    assert cat.locate(blob(1)) == first
+    commit_with("3", pack("c" * 32, (blob(1), 8, 1), replaces=frozenset({blob(1)})))  # found corrupt, re-written
+    moved = cat.locate(blob(1))
+    assert moved is not None and first is not None and moved.pack not in (first.pack,)
+    assert cat.pack_names()[moved.pack] == "c" * 32
+
+
+def test_packs_written_while_ensuring_blobs_are_recorded_in_the_same_commit(cat: Catalog) -> None:
+    late = pack("d" * 32, (blob(1), 8, 1))
+    cat.commit_log(LogCommit("ds", "dataset", "D", None, {}, time.time(), rows("a"), []), lambda: [late])
+    assert cat.locate(blob(1)) is not None and set(cat.pack_names().values()) == {"d" * 32}
+
+
+def test_a_repack_moves_what_its_retiring_packs_held_and_removes_them(cat: Catalog) -> None:
+    cat.commit_log(LogCommit("ds", "dataset", "1", None, {}, time.time(), rows("a", "bb"), [],
+                             [pack("a" * 32, (blob(1), 8, 1), (blob(2), 9, 2))]), lambda: [])
+    cat.commit_log(LogCommit("other", "dataset", "2", None, {}, time.time(), rows("ccc"), [],
+                             [pack("b" * 32, (blob(3), 8, 3))]), lambda: [])
+    ids = {n: i for i, n in cat.pack_names().items()}
+    # The new pack holds blob 2 (moved) and blob 3, which stays where it is: its pack is not retiring.
+    gone = cat.commit_repack([pack("c" * 32, (blob(2), 8, 2), (blob(3), 10, 3))], [ids["a" * 32]])
+    assert gone == [] and cat.locate(blob(1)) == Location(ids["a" * 32], 8, 1)  # blob 1 was not moved
+    new = {n: i for i, n in cat.pack_names().items()}["c" * 32]
+    assert cat.locate(blob(2)) == Location(new, 8, 2) and cat.locate(blob(3)) == Location(ids["b" * 32], 8, 3)
+    gone = cat.commit_repack([pack("e" * 32, (blob(1), 8, 1))], [ids["a" * 32]])
+    assert gone == ["a" * 32] and "a" * 32 not in cat.pack_names().values()
+
+
+def test_gc_unpacks_dead_blobs_and_drops_packs(cat: Catalog) -> None:
+    cat.commit_log(LogCommit("ds", "dataset", "1", None, {}, time.time(), rows("a"), [],
+                             [pack("a" * 32, (blob(1), 8, 1), (blob(7), 9, 7))]), lambda: [])
+
+    def fn(col: Collection) -> tuple[list[tuple[str, int, int]], list[PackRow]]:
+        seen = (sorted(col.packed()), col.packs())
+        col.unpack([blob(7)])
+        return seen
+
+    packed, packs = cat.collect(fn)
+    [p] = packs
+    assert packed == [(blob(1), p.id, 1), (blob(7), p.id, 7)] and p.live == 8
+    assert cat.locate(blob(7)) is None and cat.pack_list()[0].live == 1
+    gen = cat.generation()
+    cat.collect(lambda col: col.drop_packs([p.id]))
+    assert cat.pack_list() == [] and cat.locate(blob(1)) is None and cat.generation() > gen

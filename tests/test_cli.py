@@ -218,6 +218,27 @@ def test_gc_dry_run_deletes_nothing(cli, store_root: Path, make_tree, list_blobs
     assert set(list_blobs(store_root)) == {b3(b"only in v0"), b3(b"only in v1")}
 
 
+def test_gc_says_which_packs_it_emptied_and_repacked(cli, make_tree) -> None:
+    cli("log", "ds", make_tree("a", {"f": b"only in v0" * 10, "g": b"in v0 and v1"}), check=True)
+    cli("log", "ds", make_tree("b", {"f": b"only in v1", "g": b"in v0 and v1"}), check=True)
+    cli("log", "other", make_tree("c", {"x": b"only in other"}), check=True)
+    cli("delete", "ds:v0", check=True)
+    cli("delete", "other:v0", check=True)
+    proc = cli("gc", check=True)
+    assert f"freed 2 blobs ({100 + 13} B), 1 pack emptied" in proc.stdout
+    assert "repacked 1 blob into 1 pack" in proc.stdout  # ds:v0's pack: one blob of three was live
+    report = json.loads(cli("gc", "--json", check=True).stdout)
+    assert report["packs_removed"] == 0 and report["repack"]["blobs_moved"] == 0
+
+
+def test_repack_packs_loose_blobs_and_refuses_a_bad_fraction(cli, make_tree) -> None:
+    cli("log", "ds", make_tree("a", {"f": b"small"}), check=True)
+    proc = cli("repack", "--json", check=True)
+    assert json.loads(proc.stdout)["blobs_moved"] == 0  # packed as it was logged: nothing to do
+    bad = cli("repack", "--below", "0")
+    assert bad.returncode == 2 and "must be more than 0" in bad.stderr
+
+
 def test_fsck_sound_store_exits_zero(cli, logged: Path) -> None:
     proc = cli("fsck")
     assert proc.returncode == 0, proc.stdout + proc.stderr
