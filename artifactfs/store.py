@@ -107,6 +107,7 @@ class Store:
         return f"Store({self.root!r})"
 
     def close(self) -> None:
+        self.blobs.forget_packs()  # the pack descriptors kept for reading
         self.catalog.close()
         self.host.close()
 
@@ -229,7 +230,7 @@ class Store:
                                time.time(), list(entries.values()), alias_list, list(packs))
 
             def ensure() -> list[NewPack]:
-                more = self._ensure_blobs(entries, job_paths, lease)
+                more = self._ensure_blobs(entries, job_paths, lease, {b[0] for p in packs for b in p.blobs})
                 packs.extend(more)
                 return more
 
@@ -288,23 +289,27 @@ class Store:
         copy is found only from then on)."""
         suspects = self.blobs.suspects()
         restored: set[str] = set()
+        sizes = self.blobs.sizes_of(h.digest for (_p, item), h in zip(job_paths, hashed, strict=True)
+                                    if isinstance(item, LocalFile))
         for (_path, item), h in zip(job_paths, hashed, strict=True):
             if not isinstance(item, LocalFile):
                 continue
-            size = self.blobs.size_of(h.digest)
-            if size != h.size or h.digest in suspects:
+            size = sizes.get(h.digest)
+            if h.digest not in restored and (size != h.size or h.digest in suspects):
                 self.blobs.put_file(item.src, expect=Digest(h.digest), lease=lease, replace=size is not None)
                 restored.add(h.digest)
         return restored & suspects
 
     def _ensure_blobs(self, entries: dict[str, EntryRow], job_paths: list[tuple[str, Any]],
-                      lease: Lease) -> list[NewPack]:
+                      lease: Lease, written: set[str]) -> list[NewPack]:
         """Inside the log's transaction: every blob it names must exist (gc may have taken one
-        in the moment before the log held it). The packs it wrote them to."""
+        in the moment before the log held it). `written`: the blobs of the log's own packs,
+        which nothing can have taken. The packs it wrote missing ones to."""
         src_of = {p: item.src for p, item in job_paths if isinstance(item, LocalFile)}
         rewrote = False
+        present = self.blobs.sizes_of(e.blob for e in entries.values() if e.blob is not None and e.blob not in written)
         for e in entries.values():
-            if e.blob is not None and not self.blobs.has(e.blob):
+            if e.blob is not None and e.blob not in written and e.blob not in present:
                 src = src_of.get(e.path)
                 if src is None:
                     raise ArtifactFSError(

@@ -14,6 +14,7 @@ from helpers import StoredBlob, b3, log_files, make_old_catalog, stored_blobs
 from mountchurn import Readers, read_range
 
 from artifactfs import Store
+from artifactfs.blobs import packs
 from artifactfs.blobs.packs import HEADER, PACK_MAX
 from artifactfs.fuse.view import VFS, BlobFile
 
@@ -48,6 +49,22 @@ def test_content_stored_anywhere_is_not_written_again(store: Store) -> None:
     packs = pack_files(store.root)
     assert len(packs) == 2 and sorted(p.stat().st_size for p in packs) == sorted([sizes[0], len(HEADER) + 3])
     assert len([b for b in stored_blobs(store.root).values() if not b.packed]) == 1
+
+
+def test_a_log_that_fills_many_packs_records_every_one_and_writes_each_blob_once(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs, "PACK_TARGET", 20_000)  # a pack per few files (threads write at once)
+    files = {f"d{i % 7}/f{i}": rng_bytes(1000 + 37 * i) for i in range(300)}
+    fds = len(os.listdir("/proc/self/fd"))
+    v = log_files(store, "ds", files)
+    assert len(os.listdir("/proc/self/fd")) <= fds  # every pack written was closed
+    on_disk = pack_files(store.root)
+    assert len(on_disk) > 10
+    assert sum(p.stat().st_size for p in on_disk) == len(HEADER) * len(on_disk) + sum(map(len, files.values()))
+    assert {p.name for p in store.catalog.pack_list()} == {p.stem for p in on_disk}
+    assert all(b.packed for b in stored_blobs(store.root).values())
+    v.verify()
+    assert store.fsck().ok
 
 
 def test_a_log_that_fails_leaves_no_pack(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,6 +183,13 @@ class BlobsBase:
         """The ones present, a `has` each (a backend that answers in bulk overrides this)."""
         return {o for o in oids if self.has(o)}
 
+    def size_of(self, oid: str) -> int | None:
+        raise NotImplementedError
+
+    def sizes_of(self, oids: Iterable[str]) -> dict[str, int]:
+        """The sizes of the present ones, a `size_of` each (a backend that answers in bulk overrides this)."""
+        return {o: n for o in oids if (n := self.size_of(o)) is not None}
+
     def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,
                  replace: bool = False) -> PutResult:
         """Store a copy of the file `src` and return its identity. With `expect`, raise
@@ -212,6 +219,10 @@ class BlobBackend(Protocol):
 
     def size_of(self, oid: str) -> int | None:
         """The size of a present blob, or None when it is missing."""
+        ...
+
+    def sizes_of(self, oids: Iterable[str]) -> dict[str, int]:
+        """The sizes of those present (in bulk where the backend can)."""
         ...
 
     def open(self, oid: str, at: Location | None = None) -> Reader:

@@ -196,6 +196,10 @@ class Catalog(Protocol):
     # -- pack files ------------------------------------------------------------------------------
     def locate(self, oid: str) -> Location | None: ...
 
+    def locate_many(self, oids: list[str]) -> dict[str, Location]:
+        """The locations of those of `oids` that are packed."""
+        ...
+
     def pack_names(self) -> dict[int, str]:
         """Pack id -> file name of every pack."""
         ...

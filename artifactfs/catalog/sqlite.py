@@ -377,6 +377,15 @@ class SQLiteCatalog(Database):
             raise map_error(e, self.label) from e
         return None if r is None else Location(int(r[0]), int(r[1]), int(r[2]))
 
+    def locate_many(self, oids: list[str]) -> dict[str, Location]:
+        found: dict[str, Location] = {}
+        for i in range(0, len(oids), 500):
+            chunk = oids[i:i + 500]
+            for oid, pack, start, size in self.query(
+                    f"SELECT oid, pack, start, size FROM packed WHERE oid IN ({','.join('?' * len(chunk))})", chunk):
+                found[oid] = Location(int(pack), int(start), int(size))
+        return found
+
     def pack_names(self) -> dict[int, str]:
         return {int(r[0]): str(r[1]) for r in self.query("SELECT id, name FROM packs")}
 
