@@ -50,12 +50,17 @@ def reflink(src_fd: int, fd: int) -> int:
 
 
 def read_all(fd: int, size: int) -> bytes:
+    """The whole of a regular file expected to hold `size` bytes (more if it grew)."""
     chunks = []
     while True:
-        b = os.read(fd, max(size, CHUNK))
-        if not b:
+        want = max(size + 1, CHUNK)
+        b = os.read(fd, want)
+        if b:
+            chunks.append(b)
+        # A regular file reads short only at its end: no second read to hear that (a read per
+        # small file less); one that grows meanwhile is the caller's fstat check to catch.
+        if len(b) < want:
             break
-        chunks.append(b)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -293,11 +293,16 @@ class PackedBlobs(LocalBlobs):
             return super().put_bytes(data, clone_from=clone_from, src_dev=src_dev, lease=lease, md5=md5,
                                      replace=replace)
         h = hash_bytes(data, md5=md5)
-        if lease is not None:
-            lease.hold(h.digest)  # before the check: gc must not take it from under us
-        if not replace and (self._reuse(h.digest) or self.index.locate(h.digest) is not None):
+        writer = self._writer(lease)
+        if not replace and h.digest not in writer.pending and (
+                self.index.locate(h.digest) is not None or self._reuse(h.digest)):
+            # Held after the check, not before: gc may drop it in between, which the log's
+            # commit finds (it checks every blob it reuses under the write lock) and repairs.
+            # A blob of the log's own packs needs no hold: nothing can find it before the commit.
+            if lease is not None:
+                lease.hold(h.digest)
             return PutResult(h.digest, h.xxh128, h.size, False, h.md5)
-        written = self._writer(lease).append(h.digest, data, replace=replace)
+        written = writer.append(h.digest, data, replace=replace)
         return PutResult(h.digest, h.xxh128, h.size, written, h.md5)
 
     def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
