@@ -1,7 +1,9 @@
 """Leases: the blobs a live log is writing or reusing, made known to gc.
 
 A log holds one lease: a file `<root>/leases/<pid>-<n>.lease` listing blob ids, one per line,
-each written before the blob is renamed into place or found present. Its process holds an
+each written before a loose blob is renamed into place or found present (a packed blob it
+reuses: just after it is found), and `pack:<name>` for each pack it writes, before the pack
+file is created (blobs/packs.py). Its process holds an
 exclusive `flock` on it for as long as it lives, so the lease dies with the process however it
 ends (kill -9 included): gc tells a live lease from a dead one by trying the lock, never by
 time or by PID. gc frees at once every blob that no version references and no live lease holds.
