@@ -412,7 +412,8 @@ class Store:
         """The deletions of gc (the catalog's write lock is held); the names of the packs whose
         files go once the transaction has committed."""
         # The listings first, the leases last: a blob renamed into place (or a pack created)
-        # after the listing is no candidate, and a log holds every blob and pack before.
+        # after the listing is no candidate, and a log holds every loose blob and pack before
+        # (a blob of its own packs cannot be found before its commit).
         listing = list(self.blobs.iter_blobs())
         pack_files = {p.oid: p for p in self.blobs.iter_packs()}
         referenced = col.referenced()
@@ -425,12 +426,13 @@ class Store:
         dead = [(oid, size) for oid, pack, size in packed
                 if oid not in referenced and oid not in held and pack not in young]
         dead_oids = {oid for oid, _ in dead}
+        dead_bytes = sum(n for _, n in dead)
         alive = {pack for oid, pack, _ in packed if oid not in dead_oids}
         emptied = [p for p in packs if p.id not in alive and p.id not in young]
         known = {p.name for p in packs}
         debris = [f.oid for f in pack_files.values()
                   if f.oid not in known and pack_hold(f.oid) not in held and f.mtime < cutoff]
-        meter = Meter(progress, sum(b.size for b in candidates) + sum(n for _, n in dead))
+        meter = Meter(progress, sum(b.size for b in candidates) + dead_bytes)
         freed: list[str] = []
         nbytes = 0
         size = {b.oid: b.size for b in candidates}
@@ -446,8 +448,8 @@ class Store:
             col.drop_packs([p.id for p in emptied])
             self.blobs.remove_packs(debris)  # no row names them and no live log holds them
         freed += [oid for oid, _ in dead]
-        nbytes += sum(n for _, n in dead)
-        meter.add(sum(n for _, n in dead))
+        nbytes += dead_bytes
+        meter.add(dead_bytes)
         meter.finish()
         ntemp = 0
         for t in self.blobs.iter_temp():
@@ -489,13 +491,9 @@ class Store:
                         unpacked.append(oid)  # packed already (a repack that died before removing it)
                         continue
                     try:
-                        reader = blobs.open(oid, at)
+                        data = blobs.read_blob(oid, at)
                     except FileNotFoundError:
                         continue  # gc took it meanwhile: nothing refers to it
-                    try:
-                        data = reader.read_all()
-                    finally:
-                        reader.close()
                     meter.add(len(data))
                     if hash_bytes(data).digest != oid:
                         log.warning("blob %s is corrupt; left where it is (run `artifactfs fsck`)", oid)

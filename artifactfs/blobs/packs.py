@@ -25,7 +25,7 @@ from typing import Protocol
 
 from ..digests import Count, Hashes, hash_bytes
 from ..errors import maybe_full
-from ..files import read_all, unlink_quietly
+from ..files import unlink_quietly
 from . import BlobInfo, FileReader, Holder, Location, NewPack, PutResult
 from .local import LocalBlobs
 
@@ -264,14 +264,18 @@ class PackedBlobs(LocalBlobs):
             self._fds.clear()
             self._names.clear()
 
+    def read_blob(self, oid: str, at: Location | None = None) -> bytes:
+        """The whole of a blob (packed ones are small); FileNotFoundError when it is missing."""
+        reader = self.open(oid, at)
+        try:
+            return reader.read_all()
+        finally:
+            reader.close()
+
     def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
         if super().has(oid):
             return super().hash_blob(oid, count)
-        reader = self.open(oid)
-        try:
-            h = hash_bytes(reader.read_all())
-        finally:
-            reader.close()
+        h = hash_bytes(self.read_blob(oid))
         if count is not None:
             count(h.size)
         return h
@@ -304,24 +308,6 @@ class PackedBlobs(LocalBlobs):
             return PutResult(h.digest, h.xxh128, h.size, False, h.md5)
         written = writer.append(h.digest, data, replace=replace)
         return PutResult(h.digest, h.xxh128, h.size, written, h.md5)
-
-    def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
-                      count: Count | None = None,
-                      replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
-        fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            before = os.fstat(fd_in)
-            if before.st_size >= PACK_MAX:
-                os.close(fd_in)
-                fd_in = -1
-                return super().put_file_stat(src, lease=lease, md5=md5, count=count, replace=replace)
-            res = self.put_bytes(read_all(fd_in, before.st_size), lease=lease, md5=md5, replace=replace)
-            if count is not None:
-                count(res.size)
-            return res, before, os.fstat(fd_in)
-        finally:
-            if fd_in >= 0:
-                os.close(fd_in)
 
     def repack_put(self, oid: str, data: bytes, lease: Holder) -> None:
         """Append a blob being moved by a repack into the lease's pack (no dedup: it is here)."""
@@ -374,11 +360,7 @@ class PackedBlobs(LocalBlobs):
         and its location forgotten (the rest of the pack is sound)."""
         if super().has(oid):
             return super().quarantine(oid)
-        reader = self.open(oid)
-        try:
-            data = reader.read_all()
-        finally:
-            reader.close()
+        data = self.read_blob(oid)
         os.makedirs(self.quarantine_dir, exist_ok=True)
         dest = os.path.join(self.quarantine_dir, oid)
         tmp = dest + ".tmp"
