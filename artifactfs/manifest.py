@@ -242,17 +242,29 @@ def manifest_digest(entries: Iterable[Any]) -> str:
     h = blake3.blake3()
     h.update(b"artifactfs-manifest-v1\n")
     encode = _CANONICAL.encode  # one encoder: json.dumps with options builds one per call
+    quote = _QUOTE
+    lines = []
     for e in sorted(entries, key=lambda e: e.path):
-        fields: list[Any] = [e.path, e.digest, e.size, e.ref]
-        if e.kind == SYMLINK:
-            fields += ["l", e.target]
-        elif e.kind == DIRECTORY:
-            fields.append("d")
-        elif e.executable:
-            fields.append("x")
-        h.update(encode(fields).encode("utf-8"))
-        h.update(b"\n")
+        if e.kind == FILE and e.ref is None and type(e.size) is int:
+            # The common entry, spelled as the encoder spells it (the same string function for
+            # the strings), without building a list to encode: a third of the digest's time.
+            lines.append(f'[{quote(e.path)},{quote(e.digest)},{e.size},null{_EXEC if e.executable else ""}]\n')
+        else:
+            fields: list[Any] = [e.path, e.digest, e.size, e.ref]
+            if e.kind == SYMLINK:
+                fields += ["l", e.target]
+            elif e.kind == DIRECTORY:
+                fields.append("d")
+            elif e.executable:
+                fields.append("x")
+            lines.append(encode(fields) + "\n")
+        if len(lines) >= 4096:
+            h.update("".join(lines).encode("utf-8"))
+            lines.clear()
+    h.update("".join(lines).encode("utf-8"))
     return h.hexdigest()
 
 
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_QUOTE: Callable[[str], str] = json.encoder.encode_basestring  # what _CANONICAL quotes strings with
+_EXEC = ',"x"'
