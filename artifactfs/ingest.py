@@ -147,14 +147,56 @@ def ingest(jobs: list[Job], blobs: BlobBackend, host: StatCache, *, lease: Holde
             meter.add(-counted)  # read again
         raise FileChanged(f"{j.src} kept changing while it was being logged; nothing was logged")
 
+    def work_batch(batch: list[int]) -> list[Hashed]:
+        j = jobs[batch[0]]
+        if len(batch) == 1 or not j.store:
+            return [work(i) for i in batch]
+        out: list[Hashed] = []
+        puts = blobs.put_files_stat([jobs[i].src for i in batch], lease=lease, md5=j.md5, count=meter.add)
+        for i, (r, st0, st1) in zip(batch, puts, strict=True):
+            after = stat_key(st1)
+            if stat_key(st0) == after and r.size == after[2]:
+                out.append(Hashed(r.oid, r.xxh128, r.size, after, False, r.md5))
+            else:
+                meter.add(-r.size)
+                out.append(work(i))  # it changed while read: again, on its own
+        return out
+
     if todo:
-        n = workers or default_workers()
-        if len(todo) == 1 or n == 1:
-            for i in todo:
-                results[i] = work(i)
+        batches = _batches(todo, jobs, keys)
+        n = min(workers or default_workers(), len(batches))
+        if n == 1:
+            done = [work_batch(b) for b in batches]
         else:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="artifactfs-ingest") as pool:
-                for i, res in zip(todo, pool.map(work, todo), strict=True):
-                    results[i] = res
+                done = list(pool.map(work_batch, batches))
+        for batch, hashed in zip(batches, done, strict=True):
+            for i, h in zip(batch, hashed, strict=True):
+                results[i] = h
     meter.finish()
     return [r for r in results if r is not None]
+
+
+# Small files stored go to the blob backend in batches (a pack backend answers a batch with one
+# catalog query and one write); a batch is at most this many files and bytes.
+BATCH_FILES = 64
+BATCH_BYTES = 8 << 20
+BATCH_FILE_MAX = 1 << 20  # larger files go one by one
+
+
+def _batches(todo: list[int], jobs: list[Job], keys: list[StatKey]) -> list[list[int]]:
+    """The jobs to do, grouped: small stored files of the same kind together, the rest alone."""
+    out: list[list[int]] = []
+    open_: dict[bool, tuple[list[int], list[int]]] = {}  # md5 -> (batch, [bytes in it])
+    for i in todo:
+        j, size = jobs[i], keys[i][2]
+        if not j.store or size >= BATCH_FILE_MAX:
+            out.append([i])
+            continue
+        cur = open_.get(j.md5)
+        if cur is None or len(cur[0]) >= BATCH_FILES or cur[1][0] + size > BATCH_BYTES:
+            cur = open_[j.md5] = ([], [0])
+            out.append(cur[0])
+        cur[0].append(i)
+        cur[1][0] += size
+    return out

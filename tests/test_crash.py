@@ -89,7 +89,7 @@ def op_gc(store: Store, src: str, arm) -> None:
 
 
 OPS: dict[str, Callable[[Store, str, Callable[[], None]], None]] = {
-    "log": op_log, "log_new": op_log_new, "relog_same": op_relog_same, "set_alias": op_set_alias,
+    "log": op_log, "log_batched": op_log, "log_new": op_log_new, "relog_same": op_relog_same, "set_alias": op_set_alias,
     "remove_alias": op_remove_alias, "delete": op_delete, "gc": op_gc,
 }
 
@@ -97,7 +97,7 @@ OPS: dict[str, Callable[[Store, str, Callable[[], None]], None]] = {
 #   v0      ds:v0 (aliases best, latest)
 #   v0v1    ds:v0 (best), ds:v1 (latest), both from build_v0/build_v1
 #   garbage v0v1 with ds:v0 deleted (its own blobs are garbage) and a stale temp file
-SETUP = {"log": "v0", "log_new": "v0", "relog_same": "v0", "set_alias": "v0v1", "remove_alias": "v0v1",
+SETUP = {"log": "v0", "log_batched": "v0", "log_new": "v0", "relog_same": "v0", "set_alias": "v0v1", "remove_alias": "v0v1",
          "delete": "v0v1", "gc": "garbage"}
 
 # -- the child -------------------------------------------------------------------------------------
@@ -109,6 +109,8 @@ import artifactfs.ingest
 from artifactfs.blobs.local import LocalBlobs
 
 artifactfs.ingest.default_workers = lambda: 1  # one ingest thread: the k-th call is the same each run
+if cfg["op"] != "log_batched":
+    artifactfs.ingest.BATCH_FILES = 1  # a write per small blob: a moment can name the k-th
 
 
 class Trap:
@@ -156,7 +158,7 @@ sqlite3.connect = connect
 tmpdir = os.path.join(cfg["root"], "blobs", "tmp")
 packdir = os.path.join(cfg["root"], "blobs", "packs")
 tmp_fds, pack_fds, packdir_fds = set(), set(), set()
-_open, _write, _pwrite, _fsync = os.open, os.write, os.pwrite, os.fsync
+_open, _write, _pwrite, _pwritev, _fsync = os.open, os.write, os.pwrite, os.pwritev, os.fsync
 _replace, _unlink = os.replace, os.unlink
 
 
@@ -193,14 +195,18 @@ def write_(fd, data):
     return n
 
 
-def pwrite_(fd, data, offset):
+def pwrite_(fd, data, offset, write=_pwrite):
     kind = "write-pack" if fd in pack_fds else None
     if kind:
         trap.hit(kind, "before")
-    n = _pwrite(fd, data, offset)
+    n = write(fd, data, offset)
     if kind:
         trap.hit(kind, "after")
     return n
+
+
+def pwritev_(fd, bufs, offset):
+    return pwrite_(fd, bufs, offset, _pwritev)
 
 
 def fsync_(fd):
@@ -230,7 +236,8 @@ def unlink_(path, **kwargs):
         trap.hit(kind, "after")
 
 
-os.open, os.write, os.pwrite, os.fsync, os.replace, os.unlink = open_, write_, pwrite_, fsync_, replace_, unlink_
+os.open, os.write, os.pwrite, os.pwritev, os.fsync = open_, write_, pwrite_, pwritev_, fsync_
+os.replace, os.unlink = replace_, unlink_
 
 
 def wrap(owner, attr, kind):
@@ -289,6 +296,10 @@ MOMENTS = [
     Moment("log-pack-before-first-blob", "log", "write-pack", when="before", k=2),
     Moment("log-pack-blobs-written-3", "log", "write-pack", k=4),
     Moment("log-pack-all-blobs-written", "log", "write-pack", k=7),
+    # ... and the same log as ingest batches it: the small blobs in one write
+    Moment("log-batch-before-write", "log_batched", "write-pack", when="before", k=2),
+    Moment("log-batch-written", "log_batched", "write-pack", k=2),
+    Moment("log-batch-pack-fsynced", "log_batched", "fsync-pack", k=1),
     Moment("log-pack-fsync-before", "log", "fsync-pack", when="before", k=1),
     Moment("log-pack-fsynced", "log", "fsync-pack", k=1),
     Moment("log-pack-name-synced", "log", "fsync-packdir", k=1),

@@ -13,7 +13,7 @@ from fusehelpers import Mounter, mounter  # noqa: F401
 from helpers import StoredBlob, b3, log_files, make_old_catalog, stored_blobs
 from mountchurn import Readers, read_range
 
-from artifactfs import Store
+from artifactfs import Store, ingest
 from artifactfs.blobs import packs
 from artifactfs.blobs.packs import HEADER, PACK_MAX
 from artifactfs.fuse.view import VFS, BlobFile
@@ -54,6 +54,7 @@ def test_content_stored_anywhere_is_not_written_again(store: Store) -> None:
 def test_a_log_that_fills_many_packs_records_every_one_and_writes_each_blob_once(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(packs, "PACK_TARGET", 20_000)  # a pack per few files (threads write at once)
+    monkeypatch.setattr(ingest, "BATCH_FILES", 4)  # a batch goes into one pack
     files = {f"d{i % 7}/f{i}": rng_bytes(1000 + 37 * i) for i in range(300)}
     fds = len(os.listdir("/proc/self/fd"))
     v = log_files(store, "ds", files)

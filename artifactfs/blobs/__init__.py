@@ -16,7 +16,7 @@ without asking the catalog.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -179,6 +179,12 @@ class BlobsBase:
                       replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
         raise NotImplementedError
 
+    def put_files_stat(self, srcs: Sequence[str], *, lease: Holder | None = None, md5: bool = False,
+                       count: Count | None = None) -> list[tuple[PutResult, os.stat_result, os.stat_result]]:
+        """put_file_stat of each, one after the other (a backend that can do better in bulk
+        overrides this)."""
+        return [self.put_file_stat(src, lease=lease, md5=md5, count=count) for src in srcs]
+
     def has_many(self, oids: Iterable[str]) -> set[str]:
         """The ones present, a `has` each (a backend that answers in bulk overrides this)."""
         return {o for o in oids if self.has(o)}
@@ -247,6 +253,12 @@ class BlobBackend(Protocol):
                       count: Count | None = None,
                       replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
         """Store a copy of the local file `src`; also its fstat before and after (a change check)."""
+        ...
+
+    def put_files_stat(self, srcs: Sequence[str], *, lease: Holder | None = None, md5: bool = False,
+                       count: Count | None = None) -> list[tuple[PutResult, os.stat_result, os.stat_result]]:
+        """put_file_stat of each, in order; in bulk where the backend can (ingest hands it a
+        batch of small files: one catalog query for all of them, one write for the new ones)."""
         ...
 
     def put_file(self, src: str, *, expect: Digest | None = None, lease: Holder | None = None,

@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from ..digests import Count, Hashes, hash_bytes
 from ..errors import maybe_full
-from ..files import unlink_quietly
+from ..files import read_all, start_writeback, unlink_quietly
 from . import BlobInfo, FileReader, Holder, Location, NewPack, PutResult
 from .local import LocalBlobs
 
@@ -34,11 +34,16 @@ __all__ = ["PackedBlobs", "PackIndex", "PACK_MAX", "PACK_TARGET", "HEADER", "pac
 # Blobs smaller than this are packed. Measured (scripts/measure/pack_ingest.py, part 2): packed
 # writes beat a file each by 28-57x up to 64 KiB, 3.5x at 256 KiB, and no longer at 1 MiB.
 PACK_MAX = 1 << 20
-# A pack is closed once it holds this much: few files per log (a 20,000-file tree of 4-64 KiB
-# is 11 packs) while gc and repack still work in units small against a store.
+# A pack is closed once it holds this much (or a batch of ingest more): few files per log (a
+# 20,000-file tree of 4-64 KiB is 11 packs) while gc and repack work in units small against a
+# store.
 PACK_TARGET = 64 << 20
 HEADER = b"AFSPACK1"
 FD_CACHE = 256  # pack descriptors kept open for reading
+# Writeback of a pack is started every this many bytes (measured: the fsync before a log's
+# commit of a 680 MB tree went from about 1.1 s to 0.6 s).
+WRITEBACK_STEP = 8 << 20
+IOV_MAX = 1024
 
 
 def pack_hold(name: str) -> str:
@@ -69,6 +74,20 @@ class _Pack:
         self.blobs: list[tuple[str, int, int]] = []
 
 
+def _pwrite_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
+    """Write the buffers back to back from `offset`: one pwritev for a batch of small blobs."""
+    views = [memoryview(b) for b in bufs]
+    i = 0
+    while i < len(views):
+        k = os.pwritev(fd, views[i:i + IOV_MAX], offset)
+        offset += k
+        while i < len(views) and k >= len(views[i]):
+            k -= len(views[i])
+            i += 1
+        if k:
+            views[i] = views[i][k:]
+
+
 class _Writer:
     """The packs of one log (one lease): concurrent ingest threads append to the same pack."""
 
@@ -78,9 +97,12 @@ class _Writer:
         self.lock = threading.Lock()
         self.current: _Pack | None = None
         self.packs: list[_Pack] = []  # every pack it made (closed ones have fd -1)
+        self.names: list[str] = []  # ... and their names, to remove them all if the log fails
         self.done: list[NewPack] = []
         self.pending: dict[str, int] = {}  # blob id -> size of those written (not yet committed)
         self.replaces: set[str] = set()
+        self.closers: list[threading.Thread] = []
+        self.error: BaseException | None = None  # of a closer: the log fails with it
 
     def _new_pack(self) -> _Pack:
         name = secrets.token_hex(16)
@@ -92,60 +114,86 @@ class _Writer:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        self.names.append(name)
         os.write(fd, HEADER)
         return _Pack(name, fd)
 
     def append(self, oid: str, data: bytes | memoryview, *, replace: bool = False) -> bool:
         """Write `data` as blob `oid` into the current pack; False when this writer has it."""
-        n = len(data)
+        return self.append_many([(oid, data)], replace=replace)[0]
+
+    def append_many(self, items: Sequence[tuple[str, bytes | memoryview]], *, replace: bool = False) -> list[bool]:
+        """Write each blob into the current pack, back to back; for each, False when this
+        writer already has it."""
         full: _Pack | None = None
+        fresh: list[tuple[str, int, bytes | memoryview]] = []
+        written: list[bool] = []
         with self.lock:
-            if oid in self.pending:
-                return False
             pack = self.current
-            if pack is None or pack.full:
-                if pack is not None and pack.inflight == 0:
-                    full = pack  # no write into it is under way: close it now (else its last writer does)
-                pack = self.current = self._new_pack()
-                self.packs.append(pack)
-            start = pack.end
-            pack.end += n
+            for oid, data in items:
+                if oid in self.pending:
+                    written.append(False)
+                    continue
+                if pack is None or pack.full:
+                    if pack is not None and pack.inflight == 0:
+                        full = pack  # no write into it is under way: close it now (else its last writer does)
+                    pack = self.current = self._new_pack()
+                    self.packs.append(pack)
+                fresh.append((oid, pack.end, data))
+                pack.end += len(data)
+                self.pending[oid] = len(data)
+                if replace:
+                    self.replaces.add(oid)
+                written.append(True)
+            if not fresh:
+                return written
+            assert pack is not None
             pack.inflight += 1
             if pack.end >= PACK_TARGET:
-                pack.full = True  # the next append starts a new one
-            self.pending[oid] = n
-            if replace:
-                self.replaces.add(oid)
+                pack.full = True  # the next append starts a new one (a batch stays in one pack)
+        start, end = fresh[0][1], pack.end
         try:
-            view = memoryview(data)
-            off = start
-            while view:
-                k = os.pwrite(pack.fd, view, off)
-                view = view[k:]
-                off += k
+            _pwrite_all(pack.fd, [d for _, _, d in fresh], start)
+            if start // WRITEBACK_STEP != end // WRITEBACK_STEP:
+                # While the log goes on, not all at its end: the fsync before the commit then
+                # has little left to wait for.
+                start_writeback(pack.fd, end // WRITEBACK_STEP * WRITEBACK_STEP - WRITEBACK_STEP, WRITEBACK_STEP)
         except OSError as e:
             with self.lock:
                 pack.inflight -= 1
-                self.pending.pop(oid, None)
+                for oid, _, _ in fresh:
+                    self.pending.pop(oid, None)
             raise maybe_full(e) from e
         with self.lock:
-            pack.blobs.append((oid, start, n))
+            pack.blobs.extend((oid, off, len(d)) for oid, off, d in fresh)
             pack.inflight -= 1
             finished = pack.full and pack.inflight == 0 and pack is not self.current
         if full is not None:
-            self._finish(full)
+            self._close_later(full)
         if finished:
-            self._finish(pack)
-        return True
+            self._close_later(pack)
+        return written
+
+    def _close_later(self, pack: _Pack) -> None:
+        """Sync and close a full pack in the background: ingest goes on meanwhile."""
+        t = threading.Thread(target=self._finish, args=(pack,), name="artifactfs-pack-sync", daemon=True)
+        with self.lock:
+            self.closers.append(t)
+        t.start()
 
     def _finish(self, pack: _Pack) -> None:
-        """fsync and close a pack no thread writes to any more (once)."""
+        """fsync and close a pack no thread writes to any more (once); a failure is kept for
+        take() to raise."""
         with self.lock:
             fd, pack.fd = pack.fd, -1
         if fd < 0:
             return
         try:
             os.fsync(fd)
+        except BaseException as e:
+            with self.lock:
+                self.error = self.error or e
+            return
         finally:
             os.close(fd)
         with self.lock:
@@ -154,24 +202,31 @@ class _Writer:
 
     def take(self, keep: bool) -> list[NewPack]:
         """Close the open packs (every put is over) and hand them over, durable; or, when not
-        `keep` (the log failed), remove them."""
+        `keep` (the log failed) or one could not be made durable, remove them."""
         with self.lock:
             open_packs = [p for p in self.packs if p.fd >= 0]
             self.current = None
             self.packs = []
+            closers, self.closers = self.closers, []
+        for t in closers:
+            t.join()
         for p in open_packs:
-            if keep:
+            if keep and self.error is None:
                 self._finish(p)
-            else:
+            elif p.fd >= 0:
                 os.close(p.fd)
                 p.fd = -1
-        if not keep:
-            self.blobs.remove_packs([p.name for p in open_packs] + [p.name for p in self.done])
-            self.done = []
         with self.lock:
             done, self.done = self.done, []
+            names, self.names = self.names, []
+            error, self.error = self.error, None
             self.pending.clear()
             self.replaces.clear()
+        if not keep or error is not None:
+            self.blobs.remove_packs(names)
+            if error is not None:
+                raise maybe_full(error) if isinstance(error, OSError) else error
+            return []
         if done:
             self.blobs.sync_pack_dir()
         return done
@@ -308,6 +363,40 @@ class PackedBlobs(LocalBlobs):
             return PutResult(h.digest, h.xxh128, h.size, False, h.md5)
         written = writer.append(h.digest, data, replace=replace)
         return PutResult(h.digest, h.xxh128, h.size, written, h.md5)
+
+    def put_files_stat(self, srcs: Sequence[str], *, lease: Holder | None = None, md5: bool = False,
+                       count: Count | None = None) -> list[tuple[PutResult, os.stat_result, os.stat_result]]:
+        """Small files in bulk: read and hash them all, ask the catalog which it has in one
+        query, and append the new ones to the pack with one write (per file, that was a query
+        and a pwrite, a third of a log's time)."""
+        out: list[tuple[PutResult, os.stat_result, os.stat_result] | None] = [None] * len(srcs)
+        small: list[tuple[int, bytes, Hashes, os.stat_result, os.stat_result]] = []
+        for i, src in enumerate(srcs):
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                before = os.fstat(fd)
+                data = read_all(fd, before.st_size) if before.st_size < PACK_MAX else None
+                after = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if data is None or len(data) >= PACK_MAX:  # large, or grew large: a file of its own
+                out[i] = self.put_file_stat(src, lease=lease, md5=md5, count=count)
+                continue
+            small.append((i, data, hash_bytes(data, md5=md5), before, after))
+        writer = self._writer(lease)
+        ask: list[str] = list(dict.fromkeys(h.digest for _, _, h, _, _ in small if h.digest not in writer.pending))
+        located = self.index.locate_many(ask) if ask else {}
+        reused = {o for o in ask if o in located or self._reuse(o)}
+        if lease is not None:
+            lease.hold_many(reused)  # after the check: see put_bytes
+        new = [(h.digest, data) for _, data, h, _, _ in small if h.digest not in reused]
+        written = iter(writer.append_many(new) if new else [])
+        for i, _, h, before, after in small:
+            fresh = h.digest not in reused and next(written)
+            out[i] = (PutResult(h.digest, h.xxh128, h.size, fresh, h.md5), before, after)
+            if count is not None:
+                count(h.size)
+        return [r for r in out if r is not None]
 
     def repack_put(self, oid: str, data: bytes, lease: Holder) -> None:
         """Append a blob being moved by a repack into the lease's pack (no dedup: it is here)."""

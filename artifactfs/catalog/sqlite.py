@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -359,32 +359,34 @@ class SQLiteCatalog(Database):
     # -- pack files -----------------------------------------------------------------------------
 
     def locate(self, oid: str) -> Location | None:
-        # Ingest threads ask this for every small blob: they share one connection rather than
-        # open one each (connections of ended threads would outlive close(), and the WAL with
-        # them). A thread with its own (the log's, inside its commit) sees its own transaction.
-        conn = getattr(self._local, "conn", None)
-        try:
-            if conn is not None and self._local.pid == os.getpid():
-                r = conn.execute("SELECT pack, start, size FROM packed WHERE oid = ?", (oid,)).fetchone()
-            else:
-                with self._shared_lock:
-                    if self._shared is None or self._shared_pid != os.getpid():
-                        self._shared = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                                       check_same_thread=False)
-                        self._shared_pid = os.getpid()
-                    r = self._shared.execute("SELECT pack, start, size FROM packed WHERE oid = ?", (oid,)).fetchone()
-        except sqlite3.Error as e:
-            raise map_error(e, self.label) from e
-        return None if r is None else Location(int(r[0]), int(r[1]), int(r[2]))
+        rows = self._read_any_thread("SELECT pack, start, size FROM packed WHERE oid = ?", (oid,))
+        return None if not rows else Location(int(rows[0][0]), int(rows[0][1]), int(rows[0][2]))
 
     def locate_many(self, oids: list[str]) -> dict[str, Location]:
         found: dict[str, Location] = {}
         for i in range(0, len(oids), 500):
             chunk = oids[i:i + 500]
-            for oid, pack, start, size in self.query(
+            for oid, pack, start, size in self._read_any_thread(
                     f"SELECT oid, pack, start, size FROM packed WHERE oid IN ({','.join('?' * len(chunk))})", chunk):
                 found[oid] = Location(int(pack), int(start), int(size))
         return found
+
+    def _read_any_thread(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """A read ingest threads may make: they share one connection rather than open one each
+        (connections of ended threads would outlive close(), and the WAL with them). A thread
+        with its own (the log's, inside its commit) reads with it: it sees its own transaction."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        try:
+            if conn is not None and self._local.pid == os.getpid():
+                return conn.execute(sql, params).fetchall()
+            with self._shared_lock:
+                if self._shared is None or self._shared_pid != os.getpid():
+                    self._shared = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                                   check_same_thread=False)
+                    self._shared_pid = os.getpid()
+                return self._shared.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise map_error(e, self.label) from e
 
     def pack_names(self) -> dict[int, str]:
         return {int(r[0]): str(r[1]) for r in self.query("SELECT id, name FROM packs")}
