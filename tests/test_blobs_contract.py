@@ -166,6 +166,21 @@ def test_a_put_of_a_file_stores_its_content_and_counts_every_byte(
     assert read_via_reader(blobs, res.oid) == data
 
 
+def test_a_put_of_many_files_answers_each_in_order_as_a_put_of_one(blobs: BlobBackend, tmp_path: Path) -> None:
+    contents = [b"one", b"", b"two", b"one", os.urandom(SMALL_FILE + 1)]
+    srcs = []
+    for i, data in enumerate(contents):
+        srcs.append(tmp_path / f"f{i}")
+        srcs[-1].write_bytes(data)
+    counted: list[int] = []
+    got = blobs.put_files_stat([str(p) for p in srcs], md5=True, count=counted.append)
+    assert [r.oid for r, _, _ in got] == [oid_of(d) for d in contents]
+    assert [(r.size, b.st_size, a.st_size) for r, b, a in got] == [(len(d),) * 3 for d in contents]
+    assert all(r.md5 is not None for r, _, _ in got) and sum(counted) == sum(map(len, contents))
+    assert [r.written for r, _, _ in got][:4] == [True, True, True, False]  # "one" once
+    assert all(read_via_reader(blobs, oid_of(d)) == d for d in contents)
+
+
 def test_put_file_with_a_wrong_expectation_raises_and_names_nothing_else(
         blobs: BlobBackend, tmp_path: Path) -> None:
     src = tmp_path / "f"

@@ -3,9 +3,11 @@ gc, repack, fsck and reads do with packs, through the API, the view and a real m
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from fusehelpers import Mounter, mounter  # noqa: F401
 from helpers import StoredBlob, b3, log_files, make_old_catalog, stored_blobs
 from mountchurn import Readers, read_range
 
-from artifactfs import Store, ingest
+from artifactfs import NotFound, Store, ingest
 from artifactfs.blobs import packs
 from artifactfs.blobs.packs import HEADER, PACK_MAX
 from artifactfs.fuse.view import VFS, BlobFile
@@ -49,6 +51,58 @@ def test_content_stored_anywhere_is_not_written_again(store: Store) -> None:
     packs = pack_files(store.root)
     assert len(packs) == 2 and sorted(p.stat().st_size for p in packs) == sorted([sizes[0], len(HEADER) + 3])
     assert len([b for b in stored_blobs(store.root).values() if not b.packed]) == 1
+
+
+def test_a_batch_of_small_files_writes_only_what_no_pack_and_no_loose_blob_holds(store: Store, tmp_path: Path) -> None:
+    log_files(store, "old", {"packed": b"already packed"})
+    loose = store.blobs.put_bytes(b"already loose" * 100_000)  # >= PACK_MAX: a file of its own
+    contents = [b"new", b"already packed", b"new", b"already loose" * 100_000, b"newer"]
+    srcs = []
+    for i, data in enumerate(contents):
+        srcs.append(str(tmp_path / f"f{i}"))
+        Path(srcs[-1]).write_bytes(data)
+    lease = Recorder()
+    got = store.blobs.put_files_stat(srcs, lease=lease)
+    assert [r.oid for r, _, _ in got] == [b3(d) for d in contents]
+    assert [r.written for r, _, _ in got] == [True, False, False, False, True]
+    [new] = store.blobs.take_packs(lease)
+    # What it reuses is held, and its new pack's name; its own blobs wait for the commit
+    assert set(lease.held) == {b3(b"already packed"), loose.oid, packs.pack_hold(new.name)}
+    assert sorted(o for o, _, _ in new.blobs) == sorted([b3(b"new"), b3(b"newer")])
+    assert new.size == len(HEADER) + len(b"new") + len(b"newer")
+
+
+class Recorder:
+    """A lease that remembers what it was told to hold."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+
+    def hold(self, oid: str) -> None:
+        self.held.append(oid)
+
+    def hold_many(self, oids: Iterable[str]) -> None:
+        self.held.extend(oids)
+
+
+def test_a_pack_that_cannot_be_made_durable_fails_the_log_and_leaves_no_pack(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs, "PACK_TARGET", 20_000)  # full packs are synced in the background
+    monkeypatch.setattr(ingest, "BATCH_FILES", 4)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as e:
+        log_files(store, "ds", {f"f{i}": rng_bytes(3000) for i in range(100)})
+    assert e.value.errno == errno.EIO
+    assert pack_files(store.root) == [] and store.catalog.pack_list() == []
+    with pytest.raises(NotFound):
+        store.artifact("ds:latest")
 
 
 def test_a_log_that_fills_many_packs_records_every_one_and_writes_each_blob_once(
