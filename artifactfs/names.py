@@ -67,6 +67,17 @@ def check_entry_path(path: object) -> str:
     """
     if not isinstance(path, str):
         raise InvalidName(f"entry path must be a string, not {type(path).__name__}")
+    if len(path) <= MAX_COMPONENT_BYTES and path.isascii() and "\x00" not in path:
+        # The common case in one pass of string searches (a tree's 20,000 paths: 0.1 s
+        # component by component); ASCII is one byte a character, so no component is too long.
+        s = f"/{path}/"
+        if "//" not in s and "/./" not in s and "/../" not in s:
+            return path
+    return _check_parts(path)
+
+
+def _check_parts(path: str) -> str:
+    """check_entry_path component by component (every path the fast test does not pass)."""
     p = path
     while p.startswith("./"):
         p = p[2:]

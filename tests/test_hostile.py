@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from helpers import log_files
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from artifactfs import Artifact, ArtifactFSError, InvalidName, Store
+from artifactfs import Artifact, ArtifactFSError, InvalidName, Store, names
 from artifactfs.names import check_entry_path
 
 _props = settings(max_examples=150, deadline=None, database=None, derandomize=True,
@@ -501,3 +502,18 @@ def test_download_succeeds_when_a_symlink_sits_at_its_temp_name(version, tmp_pat
     os.symlink(outside / "file.txt", root / f"b.txt.artifactfs-{os.getpid()}.tmp")
     version.download(str(root))
     assert (root / "b.txt").read_bytes() == b"b\n"
+
+
+def _verdict(f: Callable[[str], str], path: str) -> str | None:
+    try:
+        return f(path)
+    except InvalidName:
+        return None
+
+
+@_props
+@given(st.one_of(
+    st.text(alphabet=st.sampled_from(["a", "b", ".", "/", "\x00", "é", "\udcff"]), max_size=12),
+    st.builds(lambda n, tail: "x" * n + tail, st.integers(250, 260), st.sampled_from(["", "/y", "é"]))))
+def test_entry_paths_are_judged_alike_by_the_fast_test_and_component_by_component(path: str) -> None:
+    assert _verdict(check_entry_path, path) == _verdict(names._check_parts, path)
