@@ -289,12 +289,14 @@ class Store:
         copy is found only from then on)."""
         suspects = self.blobs.suspects()
         restored: set[str] = set()
+        # A file read by this log was just put: its blob is there (the transaction checks again
+        # for what gc took since). Only what the stat cache answered was not looked at.
         sizes = self.blobs.sizes_of(h.digest for (_p, item), h in zip(job_paths, hashed, strict=True)
-                                    if isinstance(item, LocalFile))
+                                    if isinstance(item, LocalFile) and h.cached)
         for (_path, item), h in zip(job_paths, hashed, strict=True):
             if not isinstance(item, LocalFile):
                 continue
-            size = sizes.get(h.digest)
+            size = sizes.get(h.digest, h.size) if not h.cached else sizes.get(h.digest)
             if h.digest not in restored and (size != h.size or h.digest in suspects):
                 self.blobs.put_file(item.src, expect=Digest(h.digest), lease=lease, replace=size is not None)
                 restored.add(h.digest)
