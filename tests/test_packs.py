@@ -23,15 +23,16 @@ from artifactfs.fuse.view import VFS, BlobFile
 rng_bytes = random.Random(11).randbytes
 
 
-def open_packs() -> list[str]:
-    """The pack files this process has open."""
+def open_packs(root: str) -> list[str]:
+    """The pack files of the store at `root` this process has open (other tests' stores may
+    still hold theirs)."""
     found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except FileNotFoundError:
             continue  # the descriptor listdir itself used
-        if target.removesuffix(" (deleted)").endswith(".pack"):
+        if target.startswith(f"{root}/") and target.removesuffix(" (deleted)").endswith(".pack"):
             found.append(target)
     return found
 
@@ -113,7 +114,7 @@ def test_a_pack_that_cannot_be_made_durable_fails_the_log_and_leaves_no_pack(
     with pytest.raises(OSError) as e:
         log_files(store, "ds", {f"f{i}": rng_bytes(3000) for i in range(100)})
     assert e.value.errno == errno.EIO
-    assert open_packs() == []
+    assert open_packs(store.root) == []
     assert pack_files(store.root) == [] and store.catalog.pack_list() == []
     with pytest.raises(NotFound):
         store.artifact("ds:latest")
@@ -125,7 +126,7 @@ def test_a_log_that_fills_many_packs_records_every_one_and_writes_each_blob_once
     monkeypatch.setattr(ingest, "BATCH_FILES", 4)  # a batch goes into one pack
     files = {f"d{i % 7}/f{i}": rng_bytes(1000 + 37 * i) for i in range(300)}
     v = log_files(store, "ds", files)
-    assert open_packs() == []  # every pack written was closed (the catalog's files open lazily: not counted)
+    assert open_packs(store.root) == []  # every pack written was closed (the catalog's files open lazily: not counted)
     on_disk = pack_files(store.root)
     assert len(on_disk) > 10
     assert sum(p.stat().st_size for p in on_disk) == len(HEADER) * len(on_disk) + sum(map(len, files.values()))
