@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from .artifact import Artifact
+from .config import format_size
 from .errors import ArtifactFSError, CatalogDamaged, one_line
 from .store import REPACK_BELOW, ArtifactVersion, RepackReport, Store, default_root
 
@@ -291,6 +292,33 @@ def cmd_gc(store: Store, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(store: Store, a: argparse.Namespace) -> int:
+    if a.action == "prefetch":
+        if not a.spec:
+            raise ArtifactFSError("cache prefetch needs the version to fetch: NAME:VERSION")
+        with progress_bar(f"fetching {a.spec}") as prog:
+            n = store.prefetch(a.spec, progress=prog)
+        print(f"cached {a.spec}: {_human(n)}")
+        return 0
+    if a.spec:
+        raise ArtifactFSError(f"cache {a.action or ''} takes no version (did you mean `cache prefetch {a.spec}`?)")
+    if a.action == "clear":
+        files, freed = store.clear_cache()
+        files_left, left = store.cache_usage()
+        print(f"removed {plural(files, 'file')} ({_human(freed)}) from the cache"
+              + (f"; kept {plural(files_left, 'file')} ({_human(left)}) a log in progress may still upload"
+                 if files_left else ""))
+        return 0
+    files, used = store.cache_usage()
+    bound = store.config.cache_size
+    if a.json:
+        _print_json({"blobs": store.config.blobs, "files": files, "bytes": used, "bound": bound})
+    else:
+        print(f"cache of {store.config.blobs}: {plural(files, 'file')}, {_human(used)} of {_human(bound)} "
+              f"({100 * used / bound:.0f}%)")
+    return 0
+
+
 def _repack_json(r: RepackReport | None) -> dict[str, object] | None:
     return None if r is None else dataclasses.asdict(r)
 
@@ -338,6 +366,17 @@ def cmd_mount(store_root: str, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(root: str, a: argparse.Namespace) -> int:
+    s = Store.init(root, blobs=a.blobs, endpoint_url=a.endpoint_url, region=a.region, cache_size=a.cache_size,
+                   io_timeout=a.io_timeout)
+    try:
+        where = f"blobs in {s.config.blobs}" if s.config.remote else "blobs on this disk"
+        print(f"initialised {s.root}: {where}, host cache up to {format_size(s.config.cache_size)}")
+    finally:
+        s.close()
+    return 0
+
+
 def cmd_umount(a: argparse.Namespace) -> int:
     from .mount.commands import umount_command
 
@@ -369,6 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sp
+
+    s = add("init", "write the store's config.toml: where its blobs live, and this host's cache",
+            epilog="Without init a store keeps its blobs on its own disk. With --blobs s3://BUCKET/PREFIX they "
+                   "live in the bucket (the bucket must exist and answer: init checks before it writes), and "
+                   "ROOT/cache/ holds this host's verified copies. Credentials come from the standard AWS "
+                   "chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws) and are never written. A store "
+                   "is initialised once, before its first log.")
+    s.add_argument("--blobs", metavar="s3://BUCKET/PREFIX", help="keep the blobs in this bucket, under PREFIX")
+    s.add_argument("--endpoint-url", metavar="URL", help="the S3 endpoint of a server other than AWS")
+    s.add_argument("--region", metavar="R", help="the bucket's region (default us-east-1)")
+    s.add_argument("--cache-size", metavar="SIZE", default=None,
+                   help="bound of this host's cache of blobs: 512MiB, 50GiB or bytes (default 50GiB)")
+    s.add_argument("--io-timeout", metavar="SECONDS", type=float, default=None,
+                   help="how long a fetch from the bucket may take before it fails (default 30)")
+    s.set_defaults(func=None, special="init")
 
     s = add("log", "log files and directories as a new version of an artifact", json_flag=True,
             epilog="A directory keeps its tree: executable bits, empty directories, and symlinks that stay "
@@ -465,6 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rewrite packs less full of live blobs than this (default: {REPACK_BELOW})")
     s.set_defaults(func=cmd_repack)
 
+    s = add("cache", "show this host's cache of a bucket's blobs; `cache prefetch NAME:VERSION` fills it, "
+                     "`cache clear` empties it", json_flag=True,
+            epilog="Only for a store whose blobs are in a bucket (`init --blobs`). Every blob is hashed before it "
+                   "enters the cache; the least recently read go first once it is over its bound "
+                   "(`init --cache-size`). Files written in the last 10 minutes stay: a log in progress may "
+                   "not have uploaded them yet. Readers with a file open read on through a clear.")
+    s.add_argument("action", metavar="ACTION", nargs="?", choices=["prefetch", "clear"],
+                   help="prefetch or clear (default: show usage)")
+    s.add_argument("spec", metavar="NAME:VERSION", nargs="?", help="the version to prefetch")
+    s.set_defaults(func=cmd_cache)
+
     s = add("fsck", "check the store; exit 3 on any damage (a damaged catalog too)", json_flag=True)
     s.add_argument("--repair", action="store_true",
                    help="quarantine corrupt blobs (a later log of their source restores them)")
@@ -498,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         root = os.path.abspath(a.store) if a.store else default_root()
         if getattr(a, "special", None) == "mount":
             return cmd_mount(root, a)
+        if getattr(a, "special", None) == "init":
+            return cmd_init(root, a)
         # Commands that only read refuse to create a store where none is (Store says why).
         try:
             store = Store(root, create=a.func in (cmd_log, cmd_import_wandb))

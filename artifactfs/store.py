@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, entry_of, needs_content
@@ -22,6 +22,7 @@ from .blobs import BlobBackend, FileReader, Location, NewPack, Reader
 from .blobs.packs import HEADER, PACK_MAX, PackedBlobs, pack_hold
 from .catalog import Catalog, Collection, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
+from .config import CONFIG_FILE, DEFAULT_CACHE_SIZE, DEFAULT_IO_TIMEOUT, StoreConfig, parse_size
 from .digests import Count, Digest, hash_bytes, hash_file, is_oid
 from .errors import ArtifactFSError, DigestMismatch, InvalidName, NotFound, StoreFull, one_line
 from .files import Fingerprint, copy_range, fingerprint, reflink
@@ -32,6 +33,9 @@ from .refs import FileRef
 from .refs.artifact import resolve_artifact_ref
 from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
+
+if TYPE_CHECKING:
+    from .blobs.s3 import S3Blobs
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
 
@@ -93,15 +97,50 @@ class Store:
         and over LocalBlobs: every blob a file of its own)."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         root_dir = _store_dir(self.root, create)
+        self.config = StoreConfig.load(root_dir)
         self.host = HostDB(root_dir)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         if blobs is None:
-            local = PackedBlobs(self.root, self.catalog)
+            local = self._blobs_of_config()
             if create:
                 local.ensure()
             blobs = local
         self.blobs: BlobBackend = blobs
         self.leases_dir = os.path.join(self.root, "leases")
+
+    def _blobs_of_config(self) -> PackedBlobs:
+        """Files under the root, or a bucket with the host cache (config.toml's [blobs])."""
+        if not self.config.remote:
+            return PackedBlobs(self.root, self.catalog)
+        from .blobs.s3 import S3Blobs
+        return S3Blobs.from_config(self.root, self.catalog, self.config)
+
+    @classmethod
+    def init(cls, root: str | os.PathLike[str] | None = None, *, blobs: str | None = None,
+             endpoint_url: str | None = None, region: str | None = None, cache_size: int | str | None = None,
+             io_timeout: float | None = None) -> Store:
+        """Write `root`/config.toml and open the store: `blobs` (``s3://BUCKET/PREFIX``) puts its
+        blobs in a bucket, cached on this host up to `cache_size` (bytes, or ``50GiB``). A store
+        that has a config.toml, or blobs of its own, is refused; nothing is written on bad input
+        or when the bucket does not answer."""
+        path = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        try:
+            config = StoreConfig(blobs=blobs, endpoint_url=endpoint_url, region=region,
+                                 cache_size=parse_size(cache_size) if cache_size is not None else DEFAULT_CACHE_SIZE,
+                                 io_timeout=io_timeout if io_timeout is not None else DEFAULT_IO_TIMEOUT)
+        except ValueError as e:
+            raise InvalidName(str(e)) from None
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise ArtifactFSError(f"{path} already has a {CONFIG_FILE}: a store is initialised once")
+        if config.remote and os.path.exists(os.path.join(path, "catalog.db")):
+            raise ArtifactFSError(f"{path} is a store already, with blobs of its own: its blobs cannot move to "
+                                  f"{blobs} (init a new store there)")
+        if config.remote:
+            from .blobs.s3 import S3Blobs
+            S3Blobs.check_config(config)
+        _store_dir(path, True)
+        config.write(path)
+        return cls(path)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -366,6 +405,43 @@ class Store:
             self.catalog.delete_version(row.id, delete_aliases=delete_aliases)
         except NotFound:
             raise NotFound(f"{spec} was already deleted") from None
+
+    # -- the host cache (a store whose blobs are in a bucket) --------------------------------
+
+    def _remote_blobs(self) -> S3Blobs:
+        from .blobs.s3 import S3Blobs
+        if not isinstance(self.blobs, S3Blobs):
+            raise ArtifactFSError(f"the store at {self.root} keeps its blobs on its own disk: it has no cache "
+                                  "(`artifactfs init --blobs s3://...` makes a store whose blobs are in a bucket)")
+        return self.blobs
+
+    def cache_usage(self) -> tuple[int, int]:
+        """(files, bytes) in this host's cache of the bucket's blobs."""
+        return self._remote_blobs().cache_usage()
+
+    def clear_cache(self) -> tuple[int, int]:
+        """Empty this host's cache, but for what logs in progress may still upload; (files,
+        bytes) removed. Readers with a file open read on."""
+        return self._remote_blobs().trim_cache(0)
+
+    def prefetch(self, spec: str, progress: Progress | None = None, *, workers: int = 8) -> int:
+        """Fetch every blob of a version into this host's cache (verified, as any read); the
+        bytes it holds. Progress is in bytes."""
+        blobs = self._remote_blobs()
+        v = self.artifact(spec)
+        oids = {e.blob: e.size or 0 for e in v.manifest.entries.values() if e.blob is not None}
+        meter = Meter(progress, sum(oids.values()))
+
+        def one(oid: str) -> None:
+            blobs.open(oid).close()
+            meter.add(oids[oid])
+
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch") as pool:
+            for f in [pool.submit(one, o) for o in oids]:
+                f.result()
+        meter.finish()
+        return sum(oids.values())
 
     # -- maintenance --------------------------------------------------------------------------
 

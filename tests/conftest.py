@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import StoredBlob, stored_blobs
+from servers import AWS_VARIABLES, S3Server, start_seaweed
 
 from artifactfs import Store
 
@@ -133,3 +134,35 @@ def cli(store_root: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedP
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS on 127.0.0.1 for the whole session (about a second to start), stopped by PID."""
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
+    """The server, with this test's environment holding its credentials and none of the caller's
+    AWS settings (children the test starts inherit it)."""
+    for k in AWS_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return s3_server
+
+
+@pytest.fixture
+def s3_store(s3: S3Server, tmp_path: Path) -> Iterator[Store]:
+    """A store whose blobs are in a new bucket of the server (under a prefix)."""
+    bucket = s3.new_bucket()
+    s = Store.init(tmp_path / "s3-store", blobs=f"s3://{bucket}/team/store", endpoint_url=s3.endpoint)
+    yield s
+    s.close()

@@ -174,6 +174,10 @@ class BlobsBase:
     def has(self, oid: str) -> bool:
         raise NotImplementedError
 
+    def is_local(self, oid: str, at: Location | None = None) -> bool:
+        """True when `open` needs no network (every blob of a local backend)."""
+        return True
+
     def put_file_stat(self, src: str, *, lease: Holder | None = None, md5: bool = False,
                       count: Count | None = None,
                       replace: bool = False) -> tuple[PutResult, os.stat_result, os.stat_result]:
@@ -239,6 +243,10 @@ class BlobBackend(Protocol):
 
     def locate(self, oid: str) -> Location | None:
         """Where a packed blob lives now (None: loose, or missing)."""
+        ...
+
+    def is_local(self, oid: str, at: Location | None = None) -> bool:
+        """True when `open` needs no network: the mount opens other blobs off its request thread."""
         ...
 
     def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:

@@ -54,7 +54,8 @@ _MISSING: Fingerprint = (-1, -1, -1, -1, -1)  # "the referenced file could not b
 
 
 class NeedsHash(Exception):
-    """Raised by `VFS.open(..., may_hash=False)` when opening needs a re-hash (slow: a thread)."""
+    """Raised by `VFS.open(..., may_hash=False)` when opening needs slow work (a re-hash, a fetch from
+    the bucket): the caller opens again in a worker thread."""
 
 
 # -- nodes --------------------------------------------------------------------------------------
@@ -881,8 +882,9 @@ class VFS:
         raise OSError(errno.EINVAL, "not a regular file")
 
     def _open_blob(self, oid: str, n: File, may_hash: bool, at: Location | None = None) -> OpenFile:
-        if self.verify_blobs and oid not in self._verified_blobs and not may_hash:
-            raise NeedsHash()
+        if not may_hash and ((self.verify_blobs and oid not in self._verified_blobs)
+                             or not self.blobs.is_local(oid, at)):
+            raise NeedsHash()  # a hash or a fetch from the bucket: off the request thread
         try:
             try:
                 reader = self.blobs.open(oid, at)
@@ -897,6 +899,10 @@ class VFS:
         except FileNotFoundError:
             log.error("%s: blob %s is missing from the store (run `artifactfs fsck`)", self.entry_label(n), oid)
             raise OSError(errno.EIO, "blob missing") from None
+        except OSError as e:
+            # Say which entry (a fetch from the bucket that failed or timed out is EIO).
+            log.error("%s: blob %s cannot be opened: %s", self.entry_label(n), oid, e.strerror or e)
+            raise
         if self.verify_blobs and oid not in self._verified_blobs:
             try:
                 got = hash_reader(reader)

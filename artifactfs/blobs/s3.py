@@ -1,0 +1,555 @@
+"""Blobs in an S3-compatible bucket, with this host's verified copies in ``<root>/cache/``.
+
+The bucket holds what `PackedBlobs` keeps on disk, under the store's prefix:
+``<prefix>/blobs/<oid[:2]>/<oid>`` for a large blob, ``<prefix>/packs/<name>.pack`` for a pack,
+``<prefix>/quarantine/<oid>`` for what ``fsck --repair`` moved aside. A log writes as a local
+store does, into the cache directory (same layout), and uploads before its catalog commit:
+its packs in `take_packs`, its large blobs in `sync`; so the commit never names an object the
+bucket lacks. Uploads are conditional (``If-None-Match: *``) where the server supports it:
+content-addressed keys and random pack names mean a refused PUT is the same bytes already there.
+
+Reads are served from the cache, a local file, so a read stays a `pread`. A miss fetches the
+blob (a packed one by a ranged GET of its bytes in the pack object) into a temp file, hashes it
+with blake3 and only then renames it into the cache: nothing unverified is ever served, and a
+blob altered in the bucket is EIO, never its bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import blake3
+
+from ..config import StoreConfig, parse_blobs_url
+from ..digests import Count, Hashes, hash_bytes, hash_fd, is_oid
+from ..errors import ArtifactFSError
+from ..files import unlink_quietly
+from . import BlobInfo, FileReader, Holder, Location, NewPack
+from .packs import PackedBlobs, PackIndex
+
+__all__ = ["S3Blobs", "make_client", "UPLOAD_THREADS"]
+
+log = logging.getLogger("artifactfs.s3")
+
+UPLOAD_THREADS = 16
+MULTIPART_THRESHOLD = 64 << 20
+MULTIPART_CHUNK = 16 << 20
+FETCH_CHUNK = 8 << 20
+# Packs written this recently are never trimmed: a log may not have uploaded them yet.
+PACK_GRACE = 600.0
+
+
+def _touch(fd: int) -> None:
+    """Mark a cached copy used now (the cache's order is by mtime: atime is not kept reliably)."""
+    try:
+        os.utime(fd)
+    except OSError:
+        pass  # a cache another user owns: its order is theirs
+
+
+def make_client(endpoint_url: str | None, region: str | None, *, timeout: float = 30.0) -> Any:
+    """A boto3 S3 client: credentials from the standard AWS chain, retries of what is safe to
+    repeat (every request we make is), path-style addressing for S3-compatible servers."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ArtifactFSError("blobs in a bucket need boto3: pip install 'artifactfs[s3]'") from None
+    # Three attempts: a fetch fails (EIO) within a few timeouts, never an unbounded wait.
+    cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=UPLOAD_THREADS * 2,
+                 connect_timeout=min(timeout, 10.0), read_timeout=timeout,
+                 s3={"addressing_style": "path"} if endpoint_url else None,
+                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1",
+                                          config=cfg)
+
+
+def _code(e: BaseException) -> str:
+    """The S3 error code of a botocore ClientError ('' for anything else)."""
+    resp = getattr(e, "response", None)
+    if not isinstance(resp, dict):
+        return ""
+    return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+class S3Blobs(PackedBlobs):
+    """A `BlobBackend` over a bucket; `<root>/cache/` is the local side (writes of a log in
+    progress, verified copies of what was read)."""
+
+    def __init__(self, root: str, index: PackIndex, *, client: Any, bucket: str, prefix: str,
+                 cache_size: int) -> None:
+        super().__init__(root, index)
+        self.dir = os.path.join(root, "cache")
+        self.tmpdir = os.path.join(self.dir, "tmp")
+        self.packdir = os.path.join(self.dir, "packs")
+        self.s3 = client
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.cache_size = cache_size
+        self._added = 0  # bytes fetched into the cache since it was last trimmed
+        self._trim_lock = threading.Lock()
+        # Large blobs a log found in the cache since the last sync: sync makes sure the bucket has them.
+        self._touched: list[str] = []
+        self._conditional = True  # cleared if the server refuses If-None-Match outright
+
+    @classmethod
+    def from_config(cls, root: str, index: PackIndex, config: StoreConfig) -> S3Blobs:
+        assert config.blobs is not None
+        bucket, prefix = parse_blobs_url(config.blobs)
+        return cls(root, index, client=make_client(config.endpoint_url, config.region, timeout=config.io_timeout),
+                   bucket=bucket, prefix=prefix, cache_size=config.cache_size)
+
+    @staticmethod
+    def check_config(config: StoreConfig) -> None:
+        """Raise ArtifactFSError, saying why, unless the configured bucket answers."""
+        assert config.blobs is not None
+        bucket, _ = parse_blobs_url(config.blobs)
+        client = make_client(config.endpoint_url, config.region, timeout=min(config.io_timeout, 10.0))
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception as e:
+            code = _code(e)
+            if code in ("404", "NoSuchBucket"):
+                why = "does not exist"
+            elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                why = "refused our credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
+            elif type(e).__name__ == "NoCredentialsError":
+                why = "cannot be asked: no AWS credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
+            else:
+                why = f"does not answer: {e}"
+            where = f" at {config.endpoint_url}" if config.endpoint_url else ""
+            raise ArtifactFSError(f"bucket {bucket!r}{where} {why}") from None
+
+    def __repr__(self) -> str:
+        return f"S3Blobs({self.url})"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _blob_key(self, oid: str) -> str:
+        if not is_oid(oid):
+            raise ValueError(f"not a blob id: {oid!r}")
+        return f"{self.prefix}blobs/{oid[:2]}/{oid}"
+
+    def _pack_key(self, name: str) -> str:
+        self.pack_path(name)  # checks the name
+        return f"{self.prefix}packs/{name}.pack"
+
+    # -- the bucket ------------------------------------------------------------------------------
+
+    def _head(self, key: str) -> int | None:
+        """The object's size, None when there is none."""
+        try:
+            return int(self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception as e:
+            if _code(e) in _MISSING:
+                return None
+            raise self._error(e, key) from e
+
+    def _error(self, e: BaseException, key: str) -> OSError:
+        """An OSError for a failed request (the mount answers EIO; the CLI prints one line)."""
+        if isinstance(e, OSError):
+            return e
+        return OSError(errno.EIO, f"s3://{self.bucket}/{key}: {e}")
+
+    def _upload(self, path: str, key: str, *, overwrite: bool = False) -> int:
+        """Upload the local file `path` unless the bucket has the object (same name, same bytes);
+        `overwrite`: a damaged object is being put right. Read from one open descriptor: the
+        cache may trim the name meanwhile. Its size."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                if size >= MULTIPART_THRESHOLD:
+                    from boto3.s3.transfer import TransferConfig
+                    self.s3.upload_fileobj(f, self.bucket, key, Config=TransferConfig(
+                        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
+                        max_concurrency=8, use_threads=True))
+                    return size
+                kw: dict[str, Any] = {"IfNoneMatch": "*"} if self._conditional and not overwrite else {}
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=size, **kw)
+            except Exception as e:
+                code = _code(e)
+                if code in _EXISTS:
+                    return size  # a concurrent writer put it first: the same bytes
+                if code == "NotImplemented" and self._conditional:
+                    self._conditional = False  # this server cannot: plain PUTs of the same bytes
+                    f.seek(0)
+                    self.s3.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=size)
+                    return size
+                raise self._error(e, key) from e
+        return size
+
+    def _get_range(self, key: str, start: int, size: int) -> bytes:
+        if size == 0:
+            return b""  # no range names nothing (and the empty blob is the same anywhere)
+        try:
+            r = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + size - 1}")
+            return bytes(r["Body"].read())
+        except Exception as e:
+            if _code(e) in _MISSING or _code(e) in ("InvalidRange", "416"):
+                raise FileNotFoundError(errno.ENOENT,
+                                        f"s3://{self.bucket}/{key} has no bytes {start}-{start + size}") from None
+            raise self._error(e, key) from e
+
+    def _list(self, sub: str) -> Iterator[tuple[str, int, float]]:
+        """(name after `sub`, size, mtime) of each object under the store's `sub` prefix."""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub)
+        try:
+            for page in pages:
+                for o in page.get("Contents", ()):
+                    yield o["Key"][len(self.prefix + sub):], int(o["Size"]), o["LastModified"].timestamp()
+        except Exception as e:
+            raise self._error(e, self.prefix + sub) from e
+
+    def _delete(self, keys: list[str]) -> set[str]:
+        """Delete objects (1,000 per request); the keys deleted."""
+        gone: set[str] = set()
+        for i in range(0, len(keys), 1000):
+            chunk = keys[i:i + 1000]
+            try:
+                r = self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk],
+                                                                       "Quiet": False})
+            except Exception as e:
+                raise self._error(e, chunk[0]) from e
+            gone.update(d["Key"] for d in r.get("Deleted", ()))
+        return gone
+
+    # -- existence ---------------------------------------------------------------------------------
+
+    def size_of(self, oid: str) -> int | None:
+        """Written by a log in progress here, packed, in the cache, or in the bucket."""
+        size = super().size_of(oid)
+        return size if size is not None else self._head(self._blob_key(oid))
+
+    def _reuse(self, oid: str) -> bool:
+        if not super()._reuse(oid):
+            return False
+        self._touched.append(oid)  # in the cache, maybe never uploaded (a log that failed)
+        return True
+
+    def _install(self, tmp: str, oid: Any, *, replace: bool = False) -> bool:
+        """A large blob a log wrote: into the cache, and up at once (from the ingest thread, so
+        uploads overlap the rest of the log, and the copy is in the bucket before the cache may
+        trim it)."""
+        written = super()._install(tmp, oid, replace=replace)
+        path = self.path(oid)
+        if written or replace or self._head(self._blob_key(oid)) is None:
+            self._grew(self._upload(path, self._blob_key(oid), overwrite=replace))
+        return written
+
+    def mark_unsynced(self, oids: Iterable[str]) -> None:
+        """Present blobs a log names: their cache copies durable, the bucket holding them."""
+        oids = list(oids)
+        super().mark_unsynced(o for o in oids if os.path.exists(self.path(o)))
+        self._touched.extend(oids)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def is_local(self, oid: str, at: Location | None = None) -> bool:
+        """In the cache, or in a pack this host wrote (still in the cache)."""
+        if os.path.exists(self.path(oid)):
+            return True
+        if at is None:
+            return False
+        name = self._names.get(at.pack)
+        return at.pack in self._fds or (name is not None and os.path.exists(self.pack_path(name)))
+
+    def open(self, oid: str, at: Location | None = None) -> FileReader:
+        try:
+            r = super(PackedBlobs, self).open(oid)  # a copy in the cache (loose, or fetched)
+        except FileNotFoundError:
+            pass
+        else:
+            _touch(r.fd)
+            return r
+        if at is None:
+            at = self.index.locate(oid)
+        if at is not None:
+            try:
+                return FileReader(self._pack_fd(at.pack), at.size, at.offset)  # a pack this host wrote
+            except FileNotFoundError:
+                pass
+            name = self._pack_name(at.pack)
+            data = self._get_range(self._pack_key(name), at.offset, at.size)
+            self._cache_bytes(oid, data)
+        else:
+            self._fetch_loose(oid)
+        return super(PackedBlobs, self).open(oid)
+
+    def _pack_name(self, pack: int) -> str:
+        with self._fd_lock:
+            name = self._names.get(pack)
+            if name is None:
+                self._names = self.index.pack_names()
+                name = self._names.get(pack)
+        if name is None:
+            raise FileNotFoundError(errno.ENOENT, f"no pack {pack}")
+        return name
+
+    def _cache_bytes(self, oid: str, data: bytes) -> None:
+        """Put fetched bytes in the cache if they are blob `oid`; EIO (and a log line) if not."""
+        got = hash_bytes(data).digest
+        if got != oid:
+            raise self._corrupt(oid, got)
+        tmp = self._fetch_tmp()
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o444)
+            self._install_fetched(tmp, oid)
+        finally:
+            unlink_quietly(tmp)
+
+    def _fetch_tmp(self) -> str:
+        """A temp file name for a fetch (the cache may have been emptied by hand)."""
+        os.makedirs(self.tmpdir, exist_ok=True)
+        return self._tmp_name()
+
+    def _install_fetched(self, tmp: str, oid: str) -> None:
+        """Rename a verified fetched copy into the cache (not a put: nothing to upload)."""
+        dest = self.path(oid)
+        size = os.path.getsize(tmp)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(tmp, dest)
+        self._grew(size)
+
+    # -- the cache's bound -----------------------------------------------------------------------
+
+    def _grew(self, n: int) -> None:
+        """Count bytes added to the cache; past an eighth of the bound since the last look, trim."""
+        with self._trim_lock:
+            self._added += n
+            due = self._added >= max(self.cache_size // 8, 1)
+            if due:
+                self._added = 0
+        if due:
+            self.trim_cache()
+
+    def _cache_files(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every blob and pack in the cache."""
+        out: list[tuple[float, int, str]] = []
+        for d in (self.dir, self.packdir):
+            try:
+                top = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for e in top:
+                if d == self.dir and len(e.name) == 2 and e.is_dir(follow_symlinks=False):
+                    try:
+                        inner = list(os.scandir(e.path))
+                    except FileNotFoundError:
+                        continue
+                elif d == self.packdir and e.name.endswith(".pack"):
+                    inner = [e]
+                else:
+                    continue
+                for f in inner:
+                    try:
+                        st = f.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # another process trimmed it
+                    out.append((st.st_mtime, st.st_size, f.path))
+        return out
+
+    def cache_usage(self) -> tuple[int, int]:
+        """(files, bytes) the cache holds now."""
+        files = self._cache_files()
+        return len(files), sum(n for _, n, _ in files)
+
+    def trim_cache(self, limit: int | None = None) -> tuple[int, int]:
+        """Remove the least recently used copies until the cache holds at most `limit` bytes
+        (default: the bound); (files, bytes) removed. Packs written in the last PACK_GRACE
+        seconds stay (a log in progress uploads its packs before its commit), so a cache smaller
+        than what one log packs exceeds its bound until that log is over. A reader with the file
+        open reads on: removing a name never takes the bytes from an open descriptor."""
+        bound = self.cache_size if limit is None else limit
+        files = self._cache_files()
+        total = sum(n for _, n, _ in files)
+        if total <= bound:
+            return 0, 0
+        goal = bound if limit is not None else int(bound * 0.9)  # some room: not a trim per fetch
+        now = time.time()
+        removed = freed = 0
+        for mtime, size, path in sorted(files):
+            if total <= goal:
+                break
+            if mtime > now - PACK_GRACE and path.endswith(".pack"):
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            total -= size
+            removed += 1
+            freed += size
+        if removed:
+            self.forget_packs()  # descriptors of removed packs would keep their space
+            log.info("cache trimmed: %d files, %d bytes removed", removed, freed)
+        return removed, freed
+
+    def _corrupt(self, oid: str, got: str) -> OSError:
+        log.error("blob %s in %s is corrupt (its bytes hash to %s): not served", oid, self.url, got)
+        return OSError(errno.EIO, f"blob {oid} in {self.url} is corrupt")
+
+    def _fetch_loose(self, oid: str) -> None:
+        """Fetch a large blob into the cache in chunks, hashing as it comes; installed only when whole and right."""
+        key = self._blob_key(oid)
+        tmp = self._fetch_tmp()
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        try:
+            try:
+                r = self.s3.get_object(Bucket=self.bucket, Key=key)
+            except Exception as e:
+                if _code(e) in _MISSING:
+                    raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
+                raise self._error(e, key) from e
+            with open(tmp, "xb") as f:
+                try:
+                    for chunk in r["Body"].iter_chunks(FETCH_CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                except Exception as e:
+                    raise self._error(e, key) from e
+            got = h.hexdigest()
+            if got != oid:
+                raise self._corrupt(oid, got)
+            os.chmod(tmp, 0o444)
+            self._install_fetched(tmp, oid)
+        finally:
+            unlink_quietly(tmp)
+
+    def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
+        """What the bucket holds (fsck, verify): the cache copy was checked on its way in, the
+        bucket is the store."""
+        at = self.index.locate(oid)
+        if at is not None:
+            data = self._get_range(self._pack_key(self._pack_name(at.pack)), at.offset, at.size)
+            if count is not None:
+                count(len(data))
+            return hash_bytes(data)
+        key = self._blob_key(oid)
+        tmp = self._fetch_tmp()
+        try:
+            try:
+                self.s3.download_file(self.bucket, key, tmp)
+            except Exception as e:
+                if _code(e) in _MISSING:
+                    raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
+                raise self._error(e, key) from e
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return hash_fd(fd, count=count)
+            finally:
+                os.close(fd)
+        finally:
+            unlink_quietly(tmp)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Large blobs the log reused from the cache: in the bucket too (a log that wrote one
+        and failed before its upload leaves it in the cache only). Those it wrote went up as
+        they were put."""
+        super().sync()
+        oids, self._touched = list(dict.fromkeys(self._touched)), []
+
+        def one(oid: str) -> None:
+            if self._head(self._blob_key(oid)) is not None:
+                return
+            try:
+                self._upload(self.path(oid), self._blob_key(oid))
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT,
+                                        f"blob {oid} is neither in the cache nor in {self.url}") from None
+
+        self._parallel(one, oids)
+
+    def take_packs(self, lease: Holder | None, *, keep: bool = True) -> list[NewPack]:
+        """The log's packs, durable here and uploaded (a failed upload fails the log; what went
+        up is garbage for gc, as is a pack no row names)."""
+        packs = super().take_packs(lease, keep=keep)
+        try:
+            self._parallel(lambda p: self._upload(self.pack_path(p.name), self._pack_key(p.name)), packs)
+        except BaseException:
+            PackedBlobs.remove_packs(self, [p.name for p in packs])
+            raise
+        self._grew(sum(p.size for p in packs))
+        return packs
+
+    @staticmethod
+    def _parallel(fn: Any, items: list[Any]) -> None:
+        if len(items) <= 1:
+            for x in items:
+                fn(x)
+            return
+        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(items)), thread_name_prefix="artifactfs-s3") as pool:
+            for f in [pool.submit(fn, x) for x in items]:
+                f.result()
+
+    # -- listing and removing (gc, fsck) ----------------------------------------------------------
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every large blob in the bucket (what the cache holds is only a copy)."""
+        for name, size, mtime in self._list("blobs/"):
+            oid = name.rpartition("/")[2]
+            if is_oid(oid) and name == f"{oid[:2]}/{oid}":
+                yield BlobInfo(oid, size, mtime)
+
+    def remove_many(self, oids: Iterable[str]) -> list[str]:
+        oids = list(oids)
+        keys = {self._blob_key(o): o for o in oids}
+        gone = self._delete(list(keys))
+        for o in oids:
+            unlink_quietly(self.path(o))
+        return [keys[k] for k in keys if k in gone]
+
+    def iter_packs(self) -> Iterator[BlobInfo]:
+        for name, size, mtime in self._list("packs/"):
+            stem, _, ext = name.partition(".")
+            if ext == "pack" and len(stem) == 32 and "/" not in stem:
+                yield BlobInfo(stem, size, mtime)
+
+    def remove_packs(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        keys = {self._pack_key(n): n for n in names}
+        gone = self._delete(list(keys))
+        PackedBlobs.remove_packs(self, names)  # the cache's copies
+        return [keys[k] for k in keys if k in gone]
+
+    def quarantine(self, oid: str) -> str:
+        """Move a corrupt blob aside in the bucket (never delete evidence); its URL."""
+        dest = f"{self.prefix}quarantine/{oid}"
+        at = self.index.locate(oid)
+        try:
+            if at is not None:
+                data = self._get_range(self._pack_key(self._pack_name(at.pack)), at.offset, at.size)
+                self.s3.put_object(Bucket=self.bucket, Key=dest, Body=data)
+                self.index.drop_locations([oid])
+            else:
+                self.s3.copy_object(Bucket=self.bucket, Key=dest,
+                                    CopySource={"Bucket": self.bucket, "Key": self._blob_key(oid)})
+                self._delete([self._blob_key(oid)])
+        except OSError:
+            raise
+        except Exception as e:
+            if _code(e) in _MISSING:
+                raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
+            raise self._error(e, dest) from e
+        unlink_quietly(self.path(oid))
+        return f"s3://{self.bucket}/{dest}"
+
