@@ -41,7 +41,9 @@ log = logging.getLogger("artifactfs.s3")
 UPLOAD_THREADS = 16
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 16 << 20
-FETCH_CHUNK = 8 << 20
+FETCH_CHUNK = 8 << 20  # a large blob is fetched in ranges of this size ...
+FETCH_THREADS = 8  # ... this many at once
+WINDOW = 4 << 20  # a packed blob's fetch brings the blobs after it in its pack up to this far
 # Packs written this recently are never trimmed: a log may not have uploaded them yet.
 PACK_GRACE = 600.0
 
@@ -98,7 +100,9 @@ class S3Blobs(PackedBlobs):
         self.prefix = f"{prefix}/" if prefix else ""
         self.cache_size = cache_size
         self._added = 0  # bytes fetched into the cache since it was last trimmed
-        self._trim_lock = threading.Lock()
+        self._trim_lock = threading.Lock()  # also guards the two dicts below
+        self._pack_locks: dict[int, threading.Lock] = {}
+        self._pack_index: dict[int, list[tuple[str, int, int]]] = {}
         # Large blobs a log found in the cache since the last sync: sync makes sure the bucket has them.
         self._touched: list[str] = []
         self._conditional = True  # cleared if the server refuses If-None-Match outright
@@ -281,9 +285,7 @@ class S3Blobs(PackedBlobs):
                 return FileReader(self._pack_fd(at.pack), at.size, at.offset)  # a pack this host wrote
             except FileNotFoundError:
                 pass
-            name = self._pack_name(at.pack)
-            data = self._get_range(self._pack_key(name), at.offset, at.size)
-            self._cache_bytes(oid, data)
+            self._fetch_packed(oid, at)
         else:
             self._fetch_loose(oid)
         return super(PackedBlobs, self).open(oid)
@@ -298,7 +300,7 @@ class S3Blobs(PackedBlobs):
             raise FileNotFoundError(errno.ENOENT, f"no pack {pack}")
         return name
 
-    def _cache_bytes(self, oid: str, data: bytes) -> None:
+    def _cache_bytes(self, oid: str, data: bytes | memoryview) -> None:
         """Put fetched bytes in the cache if they are blob `oid`; EIO (and a log line) if not."""
         got = hash_bytes(data).digest
         if got != oid:
@@ -407,31 +409,70 @@ class S3Blobs(PackedBlobs):
         return OSError(errno.EIO, f"blob {oid} in {self.url} is corrupt")
 
     def _fetch_loose(self, oid: str) -> None:
-        """Fetch a large blob into the cache in chunks, hashing as it comes; installed only when whole and right."""
+        """Fetch a large blob into the cache by parallel ranged GETs written in place, then hash
+        the whole file (blake3's threads): installed only when whole and right."""
         key = self._blob_key(oid)
+        size = self._head(key)
+        if size is None:
+            raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}")
         tmp = self._fetch_tmp()
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
-                r = self.s3.get_object(Bucket=self.bucket, Key=key)
-            except Exception as e:
-                if _code(e) in _MISSING:
-                    raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
-                raise self._error(e, key) from e
-            with open(tmp, "xb") as f:
-                try:
-                    for chunk in r["Body"].iter_chunks(FETCH_CHUNK):
-                        h.update(chunk)
-                        f.write(chunk)
-                except Exception as e:
-                    raise self._error(e, key) from e
+                def part(start: int) -> None:
+                    data = self._get_range(key, start, min(FETCH_CHUNK, size - start))
+                    view = memoryview(data)
+                    off = start
+                    while view:
+                        n = os.pwrite(fd, view, off)
+                        view, off = view[n:], off + n
+
+                self._parallel(part, list(range(0, size, FETCH_CHUNK)), FETCH_THREADS)  # short or torn: the hash says
+            finally:
+                os.close(fd)
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            h.update_mmap(tmp)
             got = h.hexdigest()
             if got != oid:
                 raise self._corrupt(oid, got)
-            os.chmod(tmp, 0o444)
             self._install_fetched(tmp, oid)
         finally:
             unlink_quietly(tmp)
+
+    def _fetch_packed(self, oid: str, at: Location) -> None:
+        """Fetch a packed blob and the blobs after it in its pack, up to WINDOW bytes, with one
+        ranged GET (the files of a directory are neighbours in a pack: one request serves many
+        reads); each is hashed on its own and cached only if right. One fetch per pack at a time:
+        a second reader of a neighbour waits for it rather than ask again."""
+        with self._trim_lock:
+            lock = self._pack_locks.setdefault(at.pack, threading.Lock())
+        with lock:
+            if os.path.exists(self.path(oid)):
+                return  # a neighbour's fetch brought it meanwhile
+            name = self._pack_name(at.pack)
+            take = [(o, st, n) for o, st, n in self._pack_blobs(at.pack)
+                    if at.offset <= st and st + n <= at.offset + max(WINDOW, at.size)]
+            if not take or take[0][:2] != (oid, at.offset):
+                take = [(oid, at.offset, at.size)]  # the index moved on: this blob alone
+            end = max(st + n for _, st, n in take)
+            data = memoryview(self._get_range(self._pack_key(name), at.offset, end - at.offset))
+            for o, st, n in take:
+                piece = data[st - at.offset:st - at.offset + n]
+                if o == oid:
+                    self._cache_bytes(oid, piece)  # raises, logged, if it is not the blob
+                elif not os.path.exists(self.path(o)) and hash_bytes(piece).digest == o:
+                    self._cache_bytes(o, piece)
+
+    def _pack_blobs(self, pack: int) -> list[tuple[str, int, int]]:
+        """(oid, offset, size) of the blobs in a pack, by offset (packs never change: kept)."""
+        got = self._pack_index.get(pack)
+        if got is None:
+            got = self.index.packed_in(pack)
+            with self._trim_lock:
+                if len(self._pack_index) >= 64:
+                    self._pack_index.pop(next(iter(self._pack_index)))
+                self._pack_index[pack] = got
+        return got
 
     def hash_blob(self, oid: str, count: Count | None = None) -> Hashes:
         """What the bucket holds (fsck, verify): the cache copy was checked on its way in, the
@@ -492,12 +533,12 @@ class S3Blobs(PackedBlobs):
         return packs
 
     @staticmethod
-    def _parallel(fn: Any, items: list[Any]) -> None:
+    def _parallel(fn: Any, items: list[Any], threads: int = UPLOAD_THREADS) -> None:
         if len(items) <= 1:
             for x in items:
                 fn(x)
             return
-        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(items)), thread_name_prefix="artifactfs-s3") as pool:
+        with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="artifactfs-s3") as pool:
             for f in [pool.submit(fn, x) for x in items]:
                 f.result()
 

@@ -394,7 +394,8 @@ class SQLiteCatalog(Database):
             "FROM packs k ORDER BY k.id")]
 
     def packed_in(self, pack: int) -> list[tuple[str, int, int]]:
-        return [(r[0], int(r[1]), int(r[2])) for r in self.query(
+        """(oid, offset, size) of the blobs located in a pack, by offset (any thread may ask)."""
+        return [(r[0], int(r[1]), int(r[2])) for r in self._read_any_thread(
             "SELECT oid, start, size FROM packed WHERE pack = ? ORDER BY start", (pack,))]
 
     def drop_locations(self, oids: list[str]) -> None:
