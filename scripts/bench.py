@@ -15,6 +15,10 @@ Workloads (default: all of them, peers included; --no-peers leaves the peers out
   parallel      4 readers (threads, one fd each) on 4 different 1 GiB files at once, vs native
   scale         a synthetic version of 1,000,000 entries: mount to first byte (s), find
                 (entries/s), daemon memory per entry (bytes/entry)
+  remote        a store whose blobs are in a bucket (SeaweedFS on 127.0.0.1, started for the run):
+                log of the 20,000 files vs boto3 PUT per object (16 threads), first read of 2,000
+                of them through the mount with an empty cache vs boto3 GET one by one, log of the
+                2 GiB file vs boto3 multipart upload, its cold read vs boto3 GET (1 and 10 streams)
   peers         adds squashfuse, squashfuse_ll and ratarmount to read-large, read-small and
                 metadata, and dvc add and W&B add_dir to ingest-tree and ingest-large (same
                 data, same native baselines, plus "artifactfs vs <peer>" rows). Alone it means
@@ -45,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -942,6 +947,133 @@ def scale(ctx: Ctx) -> list[Row]:
     return [mount_s, first, find, mem]
 
 
+# -- remote: a store whose blobs are in a bucket (SeaweedFS on 127.0.0.1) -----------------------
+
+def _seaweed(ctx: Ctx) -> Any:
+    """SeaweedFS for this run (tests/servers.py starts it the way the tests do); stopped at exit."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from servers import AWS_VARIABLES, start_seaweed
+    server = start_seaweed(Path(_fresh_dir(ctx, "seaweed")))
+    _SERVERS.append(server)
+    for k in AWS_VARIABLES:
+        os.environ.pop(k, None)
+    os.environ.update(server.env)  # our mounts (children) inherit the credentials
+    return server
+
+
+_SERVERS: list[Any] = []
+
+
+def _fresh_dir(ctx: Ctx, name: str) -> str:
+    d = os.path.join(ctx.tmp, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def _remote_store(ctx: Ctx, server: Any, tag: str) -> Store:
+    bucket = server.new_bucket()
+    return Store.init(_fresh_dir(ctx, f"store-{tag}"), blobs=f"s3://{bucket}/afs", endpoint_url=server.endpoint)
+
+
+def _put_each(client: Any, bucket: str, paths: list[str], root: str, threads: int) -> None:
+    def one(p: str) -> None:
+        with open(p, "rb") as f:
+            client.put_object(Bucket=bucket, Key=os.path.relpath(p, root), Body=f)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, paths))
+
+
+def _get_each(client: Any, bucket: str, keys: list[str]) -> None:
+    for k in keys:
+        client.get_object(Bucket=bucket, Key=k)["Body"].read()
+
+
+def _get_large(client: Any, bucket: str, key: str, threads: int) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    class Sink:
+        def write(self, b: bytes) -> int:
+            return len(b)
+
+    if threads == 1:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        while body.read(8 << 20):
+            pass
+    else:
+        client.download_fileobj(bucket, key, Sink(), Config=TransferConfig(max_concurrency=threads))
+
+
+def remote(ctx: Ctx) -> list[Row]:
+    """Against one SeaweedFS: logs into the bucket vs boto3 PUTs, cold reads through the mount
+    (empty cache) vs boto3 GETs."""
+    try:
+        import boto3.s3.transfer  # noqa: F401
+        server = _seaweed(ctx)
+    except Exception as e:
+        return [skipped("remote", "SeaweedFS", "-", one_line(str(e)))]
+    client = server.client()
+    paths = list_files(ctx.tree)
+    small = paths[:2000]
+    large = ctx.large
+    large_mb = os.path.getsize(large) / 1e6
+    put16 = Row("remote", "boto3 PUT per object, 16 threads", "files/s")
+    log_tree = Row("remote", "artifactfs log into the bucket", "files/s", baseline=put16.contender)
+    get1 = Row("remote", "boto3 GET one by one (2,000 small)", "files/s")
+    cold_small = Row("remote", "first read through the mount, empty cache (2,000 small)", "files/s",
+                     baseline=get1.contender)
+    mp = Row("remote", "boto3 multipart upload (large)", "MB/s")
+    log_large = Row("remote", "artifactfs log of the large file into the bucket", "MB/s", baseline=mp.contender)
+    g1 = Row("remote", "boto3 GET (large), one stream", "MB/s")
+    g10 = Row("remote", "boto3 GET (large), 10 threads", "MB/s")
+    cold_large = Row("remote", "cold read through the mount, empty cache (large)", "MB/s", baseline=g1.contender)
+    cold_large10 = Row("remote", "cold read through the mount vs 10-thread GET", "MB/s", baseline=g10.contender)
+    bucket = server.new_bucket()
+    _put_each(client, bucket, small, ctx.tree, 16)
+    client.upload_file(large, bucket, "large.bin")
+    small_store = _remote_store(ctx, server, "small")
+    a = Artifact("small", "dataset")
+    for p in small:
+        a.add_file(p, name=os.path.relpath(p, ctx.tree))
+    v = small_store.log_artifact(a)
+    small_files = [e.path for e in v.files()]
+    small_store.close()
+    big_store = _remote_store(ctx, server, "large")
+    a = Artifact("large", "model")
+    a.add_file(large)
+    big_store.log_artifact(a)
+    big_store.close()
+    for i in range(ctx.runs):
+        b = server.new_bucket()
+        put16.values.append(len(paths) / timed(_put_each, client, b, paths, ctx.tree, 16))
+        st = _remote_store(ctx, server, f"log{i}")
+        a = Artifact("tree", "dataset")
+        a.add_dir(ctx.tree)
+        log_tree.values.append(len(paths) / timed(st.log_artifact, a))
+        st.close()
+        mp.values.append(large_mb / timed(client.upload_file, large, b, "large-again.bin"))
+        st = _remote_store(ctx, server, f"big{i}")
+        a = Artifact("large", "model")
+        a.add_file(large)
+        log_large.values.append(large_mb / timed(st.log_artifact, a))
+        st.close()
+        keys = [os.path.relpath(p, ctx.tree) for p in small]
+        get1.values.append(len(keys) / timed(_get_each, client, bucket, keys))
+        shutil.rmtree(os.path.join(small_store.root, "cache"), ignore_errors=True)
+        with Mount(small_store.root, os.path.join(ctx.tmp, "mnt-remote")) as m:
+            in_mount = [os.path.join(m, "small", "v0", f) for f in small_files]
+            cold_small.values.append(len(small_files) / timed(read_files, in_mount))
+        g1.values.append(large_mb / timed(_get_large, client, bucket, "large.bin", 1))
+        g10.values.append(large_mb / timed(_get_large, client, bucket, "large.bin", 10))
+        shutil.rmtree(os.path.join(big_store.root, "cache"), ignore_errors=True)
+        drop_caches()
+        with Mount(big_store.root, os.path.join(ctx.tmp, "mnt-remote")) as m:
+            t = timed(read_file, os.path.join(m, "large", "v0", os.path.basename(large)))
+        cold_large.values.append(large_mb / t)
+        cold_large10.values.append(large_mb / t)
+    return [put16, log_tree, get1, cold_small, mp, log_large, g1, g10, cold_large, cold_large10]
+
+
 WORKLOADS: dict[str, Callable[[Ctx], list[Row]]] = {
     "ingest-tree": ingest_tree,
     "ingest-large": ingest_large,
@@ -950,6 +1082,7 @@ WORKLOADS: dict[str, Callable[[Ctx], list[Row]]] = {
     "metadata": metadata,
     "parallel": parallel,
     "scale": scale,
+    "remote": remote,
 }
 PEER_WORKLOADS = ["ingest-tree", "ingest-large", "read-large", "read-small", "metadata"]
 ALIASES = {"ingest": ["ingest-tree", "ingest-large"], "read": ["read-large", "read-small", "metadata"]}
@@ -987,6 +1120,15 @@ TARGETS: list[tuple[str, str, str, str, str, float]] = [
     ("ingest-large >= 4x dvc add", "ingest-large", "artifactfs log vs dvc add", "MB/s", ">=", 4.0),
     ("re-log unchanged tree >= 20x first log", "ingest-tree", "artifactfs log again, unchanged", "files/s", ">=", 20.0),
     ("re-log unchanged large >= 20x first log", "ingest-large", "artifactfs log again, unchanged", "MB/s", ">=", 20.0),
+    ("remote: log of small files >= 5x boto3 PUT", "remote", "artifactfs log into the bucket", "files/s", ">=", 5.0),
+    ("remote: cold small reads >= 3x boto3 GET", "remote", "first read through the mount, empty cache (2,000 small)",
+     "files/s", ">=", 3.0),
+    ("remote: log of a large file >= 0.9x multipart", "remote", "artifactfs log of the large file into the bucket",
+     "MB/s", ">=", 0.9),
+    ("remote: cold large read >= 1.0x boto3 GET", "remote", "cold read through the mount, empty cache (large)",
+     "MB/s", ">=", 1.0),
+    ("remote: cold large read >= 1.0x 10-thread GET", "remote", "cold read through the mount vs 10-thread GET",
+     "MB/s", ">=", 1.0),
     ("scale: first byte <= 2 s after mount", "scale", "mount to first byte of a file", "s", "<=", 2.0),
     ("scale: <= 400 bytes of daemon memory per entry", "scale", "daemon resident memory per entry", "bytes/entry",
      "<=", 400.0),
@@ -1109,6 +1251,8 @@ def main() -> int:
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
         try:
             unmount_all()
+            for server in _SERVERS:
+                server.stop()
             shutil.rmtree(tmp, ignore_errors=True)
         finally:
             signal.signal(signal.SIGINT, old)
