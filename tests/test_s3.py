@@ -16,7 +16,8 @@ from fusehelpers import Mounter, mounter  # noqa: F401
 from helpers import log_files
 from servers import S3Server, start_seaweed
 
-from artifactfs import ArtifactFSError, InvalidName, Store
+from artifactfs import ArtifactFSError, InvalidName, Store, ingest
+from artifactfs.blobs import packs
 from artifactfs.blobs.packs import PACK_MAX
 from artifactfs.blobs.s3 import S3Blobs
 from artifactfs.config import StoreConfig, parse_size
@@ -365,3 +366,29 @@ def test_a_server_gone_mid_read_is_eio_in_bounded_time_and_the_mount_serves_agai
         assert (v0 / "big/weights.bin").read_bytes() == FILES["big/weights.bin"]
     finally:
         own.stop()
+
+
+def test_a_pack_whose_upload_fails_while_the_log_goes_on_fails_the_log_and_leaves_nothing(
+        s3: S3Server, s3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs, "PACK_TARGET", 20_000)  # many packs, uploaded as they fill
+    monkeypatch.setattr(ingest, "BATCH_FILES", 4)
+    blobs = s3_store.blobs
+    assert isinstance(blobs, S3Blobs)
+    real = blobs._upload
+    n = itertools.count()
+
+    def third_pack_fails(path: str, key: str, **kw: bool) -> int:
+        if "/packs/" in key and next(n) == 2:
+            raise OSError(errno.EIO, "the network went away")
+        return real(path, key, **kw)
+
+    monkeypatch.setattr(blobs, "_upload", third_pack_fails)
+    with pytest.raises(OSError, match="network"):
+        log_files(s3_store, "ds", {f"f{i}": rng(3000 + i) for i in range(60)})
+    assert s3_store.artifacts() == []
+    assert keys(s3, bucket_of(s3_store)) == {}  # the packs that went up were removed with the rest
+    assert not list((Path(s3_store.root) / "cache" / "packs").glob("*.pack"))
+    monkeypatch.setattr(blobs, "_upload", real)
+    files = {f"f{i}": rng(3000 + i) for i in range(60)}
+    log_files(s3_store, "ds", files)
+    assert read_all(s3_store, "ds:v0") == files

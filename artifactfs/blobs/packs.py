@@ -191,6 +191,7 @@ class _Writer:
             return
         try:
             os.fsync(fd)
+            self.blobs.pack_closed(pack.name)
         except BaseException as e:
             with self.lock:
                 self.error = self.error or e
@@ -402,6 +403,10 @@ class PackedBlobs(LocalBlobs):
     def repack_put(self, oid: str, data: bytes, lease: Holder) -> None:
         """Append a blob being moved by a repack into the lease's pack (no dedup: it is here)."""
         self._writer(lease).append(oid, data)
+
+    def pack_closed(self, name: str) -> None:
+        """A pack of a log is whole and durable here (a backend that ships packs elsewhere
+        starts now, while the log goes on; called from the thread that closed it)."""
 
     def take_packs(self, lease: Holder | None, *, keep: bool = True) -> list[NewPack]:
         with self._writers_lock:

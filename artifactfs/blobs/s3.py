@@ -102,6 +102,7 @@ class S3Blobs(PackedBlobs):
         self._added = 0  # bytes fetched into the cache since it was last trimmed
         self._trim_lock = threading.Lock()  # also guards the two dicts below
         self._pack_locks: dict[int, threading.Lock] = {}
+        self._uploaded: set[str] = set()  # packs pack_closed sent up, until take_packs hands them over
         self._pack_index: dict[int, list[tuple[str, int, int]]] = {}
         # Large blobs a log found in the cache since the last sync: sync makes sure the bucket has them.
         self._touched: list[str] = []
@@ -520,12 +521,22 @@ class S3Blobs(PackedBlobs):
 
         self._parallel(one, oids)
 
+    def pack_closed(self, name: str) -> None:
+        """Upload a full pack at once, from the thread that closed it: the log goes on meanwhile."""
+        self._upload(self.pack_path(name), self._pack_key(name))
+        with self._trim_lock:
+            self._uploaded.add(name)
+
     def take_packs(self, lease: Holder | None, *, keep: bool = True) -> list[NewPack]:
-        """The log's packs, durable here and uploaded (a failed upload fails the log; what went
-        up is garbage for gc, as is a pack no row names)."""
+        """The log's packs, durable here and uploaded (a failed upload fails the log and the
+        store removes its packs; what went up of a log that died is garbage for gc, as is a
+        pack no row names)."""
         packs = super().take_packs(lease, keep=keep)
+        with self._trim_lock:
+            todo = [p for p in packs if p.name not in self._uploaded]
+            self._uploaded.difference_update(p.name for p in packs)
         try:
-            self._parallel(lambda p: self._upload(self.pack_path(p.name), self._pack_key(p.name)), packs)
+            self._parallel(lambda p: self._upload(self.pack_path(p.name), self._pack_key(p.name)), todo)
         except BaseException:
             PackedBlobs.remove_packs(self, [p.name for p in packs])
             raise
