@@ -9,6 +9,7 @@ import itertools
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,19 +212,26 @@ def test_gc_removes_from_the_bucket_what_no_version_holds(s3: S3Server, s3_store
     assert s3_store.fsck().ok
 
 
-def test_a_log_whose_upload_fails_commits_nothing_and_gc_clears_what_went_up(
-        s3: S3Server, s3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    blobs = s3_store.blobs
+def fail_upload(store: Store, monkeypatch: pytest.MonkeyPatch, kind: str, nth: int) -> Callable[[], None]:
+    """Make upload number `nth` (from 0) of keys containing `kind` fail as a lost network would;
+    the function that puts uploads right again."""
+    blobs = store.blobs
     assert isinstance(blobs, S3Blobs)
     real = blobs._upload
-    loose = itertools.count()
+    seen = itertools.count()
 
-    def second_large_blob_fails(path: str, key: str, **kw: bool) -> int:
-        if "/blobs/" in key and next(loose) == 1:
+    def failing(path: str, key: str, **kw: bool) -> int:
+        if kind in key and next(seen) == nth:
             raise OSError(errno.EIO, "the network went away")
         return real(path, key, **kw)
 
-    monkeypatch.setattr(blobs, "_upload", second_large_blob_fails)
+    monkeypatch.setattr(blobs, "_upload", failing)
+    return lambda: monkeypatch.setattr(blobs, "_upload", real)
+
+
+def test_a_log_whose_upload_fails_commits_nothing_and_gc_clears_what_went_up(
+        s3: S3Server, s3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    restore = fail_upload(s3_store, monkeypatch, "/blobs/", 1)  # the second large blob
     files = {**FILES, "big/second.bin": rng(PACK_MAX + 999)}
     with pytest.raises(OSError, match="network"):
         log_files(s3_store, "ds", files)
@@ -232,7 +240,7 @@ def test_a_log_whose_upload_fails_commits_nothing_and_gc_clears_what_went_up(
     left = keys(s3, bucket)
     assert not any("/packs/" in k for k in left)  # the failed log removed the packs it had uploaded
     assert len([k for k in left if "/blobs/" in k]) == 1  # the large blob that went up: garbage
-    monkeypatch.setattr(blobs, "_upload", real)
+    restore()
     s3_store.gc()
     assert keys(s3, bucket) == {}
     log_files(s3_store, "ds", files)
@@ -372,23 +380,13 @@ def test_a_pack_whose_upload_fails_while_the_log_goes_on_fails_the_log_and_leave
         s3: S3Server, s3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(packs, "PACK_TARGET", 20_000)  # many packs, uploaded as they fill
     monkeypatch.setattr(ingest, "BATCH_FILES", 4)
-    blobs = s3_store.blobs
-    assert isinstance(blobs, S3Blobs)
-    real = blobs._upload
-    n = itertools.count()
-
-    def third_pack_fails(path: str, key: str, **kw: bool) -> int:
-        if "/packs/" in key and next(n) == 2:
-            raise OSError(errno.EIO, "the network went away")
-        return real(path, key, **kw)
-
-    monkeypatch.setattr(blobs, "_upload", third_pack_fails)
+    restore = fail_upload(s3_store, monkeypatch, "/packs/", 2)  # the third pack
     with pytest.raises(OSError, match="network"):
         log_files(s3_store, "ds", {f"f{i}": rng(3000 + i) for i in range(60)})
     assert s3_store.artifacts() == []
     assert keys(s3, bucket_of(s3_store)) == {}  # the packs that went up were removed with the rest
     assert not list((Path(s3_store.root) / "cache" / "packs").glob("*.pack"))
-    monkeypatch.setattr(blobs, "_upload", real)
+    restore()
     files = {f"f{i}": rng(3000 + i) for i in range(60)}
     log_files(s3_store, "ds", files)
     assert read_all(s3_store, "ds:v0") == files
