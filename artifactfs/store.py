@@ -12,6 +12,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -436,7 +437,6 @@ class Store:
             blobs.open(oid).close()
             meter.add(oids[oid])
 
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch") as pool:
             for f in [pool.submit(one, o) for o in oids]:
                 f.result()

@@ -390,3 +390,23 @@ def test_a_pack_whose_upload_fails_while_the_log_goes_on_fails_the_log_and_leave
     files = {f"f{i}": rng(3000 + i) for i in range(60)}
     log_files(s3_store, "ds", files)
     assert read_all(s3_store, "ds:v0") == files
+
+
+def test_a_large_blob_fetched_in_many_ranges_is_whole_and_checked(
+        s3: S3Server, s3_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from artifactfs.blobs import s3 as s3_blobs
+    monkeypatch.setattr(s3_blobs, "FETCH_CHUNK", 64 << 10)  # 20 ranges, more than the threads
+    data = rng(PACK_MAX + 300_000)
+    v = log_files(s3_store, "ds", {"big.bin": data})
+    cache = Path(s3_store.root) / "cache"
+    shutil.rmtree(cache)
+    assert read_all(s3_store, "ds:v0") == {"big.bin": data}
+    oid = v.get_path("big.bin").blob
+    altered = bytearray(data)
+    altered[len(data) // 2] ^= 1  # in a middle range
+    s3.client().put_object(Bucket=bucket_of(s3_store), Key=f"team/store/blobs/{oid[:2]}/{oid}", Body=bytes(altered))
+    shutil.rmtree(cache)
+    with pytest.raises(OSError) as e:
+        read_all(s3_store, "ds:v0")
+    assert e.value.errno == errno.EIO
+    assert not (cache / oid[:2] / oid).exists() and list((cache / "tmp").iterdir()) == []

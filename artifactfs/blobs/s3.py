@@ -17,6 +17,7 @@ blob altered in the bucket is EIO, never its bytes.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -40,7 +41,7 @@ log = logging.getLogger("artifactfs.s3")
 
 UPLOAD_THREADS = 16
 MULTIPART_THRESHOLD = 64 << 20
-MULTIPART_CHUNK = 16 << 20
+MULTIPART_CHUNK = 8 << 20
 FETCH_CHUNK = 8 << 20  # a large blob is fetched in ranges of this size ...
 FETCH_THREADS = 8  # ... this many at once
 WINDOW = 4 << 20  # a packed blob's fetch brings the blobs after it in its pack up to this far
@@ -180,7 +181,7 @@ class S3Blobs(PackedBlobs):
                     from boto3.s3.transfer import TransferConfig
                     self.s3.upload_fileobj(f, self.bucket, key, Config=TransferConfig(
                         multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
-                        max_concurrency=8, use_threads=True))
+                        max_concurrency=10, use_threads=True))
                     return size
                 kw: dict[str, Any] = {"IfNoneMatch": "*"} if self._conditional and not overwrite else {}
                 self.s3.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=size, **kw)
@@ -410,29 +411,37 @@ class S3Blobs(PackedBlobs):
         return OSError(errno.EIO, f"blob {oid} in {self.url} is corrupt")
 
     def _fetch_loose(self, oid: str) -> None:
-        """Fetch a large blob into the cache by parallel ranged GETs written in place, then hash
-        the whole file (blake3's threads): installed only when whole and right."""
+        """Fetch a large blob into the cache by parallel ranged GETs written in place, hashed in
+        order as they arrive (the hash keeps pace with the network, not after it); installed
+        only when whole and right."""
         key = self._blob_key(oid)
         size = self._head(key)
         if size is None:
             raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}")
         tmp = self._fetch_tmp()
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
-                def part(start: int) -> None:
+                def part(start: int) -> bytes:
                     data = self._get_range(key, start, min(FETCH_CHUNK, size - start))
                     view = memoryview(data)
                     off = start
                     while view:
                         n = os.pwrite(fd, view, off)
                         view, off = view[n:], off + n
+                    return data
 
-                self._parallel(part, list(range(0, size, FETCH_CHUNK)), FETCH_THREADS)  # short or torn: the hash says
+                starts = iter(range(0, size, FETCH_CHUNK))
+                with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="artifactfs-fetch") as pool:
+                    # At most twice the threads' chunks in memory, waiting for the hash.
+                    ahead = [pool.submit(part, x) for x in itertools.islice(starts, 2 * FETCH_THREADS)]
+                    while ahead:
+                        data = ahead.pop(0).result()  # a short or torn range: the hash says so
+                        ahead.extend(pool.submit(part, x) for x in itertools.islice(starts, 1))
+                        h.update(data)
             finally:
                 os.close(fd)
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            h.update_mmap(tmp)
             got = h.hexdigest()
             if got != oid:
                 raise self._corrupt(oid, got)
