@@ -410,3 +410,42 @@ def test_a_large_blob_fetched_in_many_ranges_is_whole_and_checked(
         read_all(s3_store, "ds:v0")
     assert e.value.errno == errno.EIO
     assert not (cache / oid[:2] / oid).exists() and list((cache / "tmp").iterdir()) == []
+
+
+@pytest.mark.fuse
+def test_a_daemon_killed_mid_fetch_leaves_no_partial_copy_and_the_next_mount_reads_right(
+        s3: S3Server, s3_store: Store, mounter: Mounter) -> None:
+    import signal
+    import threading
+
+    from fusehelpers import lazy_unmount
+    data = rng(96 << 20)  # a fetch that takes a while
+    v = log_files(s3_store, "ds", {"huge.bin": data})
+    oid = v.get_path("huge.bin").blob
+    root = Path(s3_store.root)
+    cache = root / "cache"
+    shutil.rmtree(cache)
+    m = mounter.start(root)
+    reader = threading.Thread(target=_read_quietly, args=(m.path / "ds/v0/huge.bin",), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not ((cache / "tmp").is_dir() and any((cache / "tmp").iterdir())):  # the fetch is under way
+        assert time.monotonic() < deadline, "the fetch never started"
+        time.sleep(0.005)
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGKILL)
+    m.wait_exit()
+    reader.join(30)
+    lazy_unmount(m.path)
+    assert not (cache / oid[:2] / oid).exists()  # nothing half fetched was installed
+    assert s3_store.gc().temp_files_removed == 1  # the dead fetch's temp file
+    again = mounter.start(root)
+    assert (again.path / "ds/v0/huge.bin").read_bytes() == data
+    assert (cache / oid[:2] / oid).exists()
+
+
+def _read_quietly(path: Path) -> None:
+    try:
+        path.read_bytes()
+    except OSError:
+        pass  # the daemon was killed under it
