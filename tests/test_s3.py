@@ -449,3 +449,22 @@ def _read_quietly(path: Path) -> None:
         path.read_bytes()
     except OSError:
         pass  # the daemon was killed under it
+
+
+def test_the_fsspec_filesystem_reads_through_the_same_verified_cache(s3: S3Server, s3_store: Store) -> None:
+    import fsspec
+    log_files(s3_store, "ds", FILES)
+    root = Path(s3_store.root)
+    s3_store.close()
+    shutil.rmtree(root / "cache")
+    fs = fsspec.filesystem("artifactfs", root=str(root), skip_instance_cache=True)
+    with fs.open("artifactfs://ds:v0/big/weights.bin", "rb") as f:
+        f.seek(PACK_MAX)
+        assert f.read(1000) == FILES["big/weights.bin"][PACK_MAX:PACK_MAX + 1000]
+    assert fs.cat_file("artifactfs://ds:v0/small/f3.bin") == FILES["small/f3.bin"]
+    again = Store(root)
+    try:
+        big = again.artifact("ds:v0").get_path("big/weights.bin").blob
+    finally:
+        again.close()
+    assert (root / "cache" / big[:2] / big).exists()  # fetched into the cache the mount uses
