@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "`cache clear` empties it", json_flag=True,
             epilog="Only for a store whose blobs are in a bucket (`init --blobs`). Every blob is hashed before it "
                    "enters the cache; the least recently read go first once it is over its bound "
-                   "(`init --cache-size`). Files written in the last 10 minutes stay: a log in progress may "
+                   "(`init --cache-size`). Packs written in the last 10 minutes stay: a log in progress may "
                    "not have uploaded them yet. Readers with a file open read on through a clear.")
     s.add_argument("action", metavar="ACTION", nargs="?", choices=["prefetch", "clear"],
                    help="prefetch or clear (default: show usage)")
