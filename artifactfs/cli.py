@@ -26,6 +26,17 @@ EXIT_DAMAGE = 3
 SHOW_LIMIT = 50  # entries `show` lists without --all
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds more than 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return x
+
+
 def _fraction(text: str) -> float:
     """An argparse type: a number in (0, 1]."""
     try:
@@ -362,7 +373,7 @@ def cmd_mount(store_root: str, a: argparse.Namespace) -> int:
     from .mount.commands import mount_command
 
     mount_command(store_root, a.mountpoint, artifact=a.artifact, allow_other=a.allow_other,
-                  foreground=a.foreground, debug=a.debug, verify_reads=a.verify_reads)
+                  foreground=a.foreground, debug=a.debug, verify_reads=a.verify_reads, io_timeout=a.io_timeout)
     return 0
 
 
@@ -420,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--region", metavar="R", help="the bucket's region (default us-east-1)")
     s.add_argument("--cache-size", metavar="SIZE", default=None,
                    help="bound of this host's cache of blobs: 512MiB, 50GiB or bytes (default 50GiB)")
-    s.add_argument("--io-timeout", metavar="SECONDS", type=float, default=None,
+    s.add_argument("--io-timeout", metavar="SECONDS", type=_positive_seconds, default=None,
                    help="how long a fetch from the bucket may take before it fails (default 30)")
     s.set_defaults(func=None, special="init")
 
@@ -544,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true", help="let other users read (needs user_allow_other)")
     s.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
     s.add_argument("--debug", action="store_true", help="log every request")
+    s.add_argument("--io-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="a store whose blobs are in a bucket: how long a fetch may wait before the read "
+                        "fails with EIO (default: config.toml's, 30)")
     s.add_argument("--verify-reads", action="store_true",
                    help="hash each blob on its first read and refuse a corrupt one with EIO")
     s.set_defaults(func=None, special="mount")

@@ -91,14 +91,20 @@ class Store:
     """An artifact store rooted at a directory (created on first use)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True,
-                 blobs: BlobBackend | None = None) -> None:
+                 blobs: BlobBackend | None = None, io_timeout: float | None = None) -> None:
         """Open the store at `root` (default: see default_root); `create=False` refuses a
         missing store instead of creating it. `blobs` puts the blobs in another backend than
         files under `root`, small ones packed (the contract tests run the API over MemoryBlobs,
-        and over LocalBlobs: every blob a file of its own)."""
+        and over LocalBlobs: every blob a file of its own). `io_timeout` overrides config.toml's
+        for this process (`mount --io-timeout`)."""
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
         root_dir = _store_dir(self.root, create)
         self.config = StoreConfig.load(root_dir)
+        if io_timeout is not None:
+            try:
+                self.config = replace(self.config, io_timeout=io_timeout)
+            except ValueError as e:
+                raise InvalidName(str(e)) from None
         self.host = HostDB(root_dir)  # this machine's own state (stat cache, mounts)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         if blobs is None:

@@ -468,3 +468,37 @@ def test_the_fsspec_filesystem_reads_through_the_same_verified_cache(s3: S3Serve
     finally:
         again.close()
     assert (root / "cache" / big[:2] / big).exists()  # fetched into the cache the mount uses
+
+
+@pytest.mark.fuse
+def test_a_hung_server_is_eio_after_the_mounts_io_timeout_and_served_again_when_it_answers(
+        s3: S3Server, tmp_path: Path, mounter: Mounter) -> None:
+    import signal
+    own = start_seaweed(tmp_path / "own-seaweed")  # this one is stopped: not the session's
+    try:
+        bucket = own.new_bucket()
+        s = Store.init(tmp_path / "st", blobs=f"s3://{bucket}", endpoint_url=own.endpoint)  # io_timeout 30 s
+        log_files(s, "ds", FILES)
+        root = s.root
+        s.close()
+        shutil.rmtree(Path(root) / "cache")
+        m = mounter.start(root, "--io-timeout", "1")
+        os.killpg(own.proc.pid, signal.SIGSTOP)  # it accepts connections and never answers
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (m.path / "ds/v0/big/weights.bin").read_bytes()
+            took = time.monotonic() - started
+        finally:
+            os.killpg(own.proc.pid, signal.SIGCONT)
+        assert e.value.errno == errno.EIO
+        assert took < 20  # three attempts of 1 s and their back-off, not three of 30 s
+        assert (m.path / "ds/v0/big/weights.bin").read_bytes() == FILES["big/weights.bin"]
+    finally:
+        own.stop()
+
+
+def test_mount_refuses_an_io_timeout_that_is_not_one(cli, store: Store, tmp_path: Path) -> None:
+    log_files(store, "ds", {"a": b"a"})
+    p = cli("mount", tmp_path, "--io-timeout", "0")
+    assert p.returncode == 2 and "more than 0 seconds" in p.stderr

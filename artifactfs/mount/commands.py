@@ -152,7 +152,8 @@ def _unescape(field: str) -> str:
 
 
 def mount_command(store_root: str, mountpoint: str, *, artifact: str | None, allow_other: bool,
-                  foreground: bool, debug: bool, verify_reads: bool = False) -> None:
+                  foreground: bool, debug: bool, verify_reads: bool = False,
+                  io_timeout: float | None = None) -> None:
     """`artifactfs mount`: return once the mount is live (background) or after a clean unmount
     (foreground); MountError with the reason otherwise."""
     store_root = os.path.abspath(store_root)
@@ -170,13 +171,13 @@ def mount_command(store_root: str, mountpoint: str, *, artifact: str | None, all
         log.warning("%s", warning)
     if not foreground:
         _spawn_detached(store_root, mountpoint, artifact=artifact, allow_other=allow_other,
-                        debug=debug, verify_reads=verify_reads)
+                        debug=debug, verify_reads=verify_reads, io_timeout=io_timeout)
         return
     from .daemon import serve  # pyfuse3 and trio: only in the process that serves
 
     try:
         serve(store_root, mountpoint, artifact=artifact, allow_other=allow_other, debug=debug,
-              verify_reads=verify_reads, ready_fd=ready_fd)
+              verify_reads=verify_reads, ready_fd=ready_fd, io_timeout=io_timeout)
     except MountError as e:
         report(ready_fd, str(e))
         raise
@@ -236,7 +237,7 @@ def default_log_file() -> str:
 
 
 def _spawn_detached(store_root: str, mountpoint: str, *, artifact: str | None, allow_other: bool,
-                    debug: bool, verify_reads: bool) -> None:
+                    debug: bool, verify_reads: bool, io_timeout: float | None) -> None:
     argv = [sys.executable, "-m", "artifactfs", "--store", store_root, "mount", mountpoint, "--foreground"]
     if artifact is not None:
         argv += ["--artifact", artifact]
@@ -246,6 +247,8 @@ def _spawn_detached(store_root: str, mountpoint: str, *, artifact: str | None, a
         argv.append("--debug")
     if verify_reads:
         argv.append("--verify-reads")
+    if io_timeout is not None:
+        argv += ["--io-timeout", repr(io_timeout)]
     r, w = os.pipe()
     env = dict(os.environ)
     env[READY_FD_ENV] = str(w)

@@ -38,11 +38,11 @@ READ_AHEAD_KB = 1024  # 1 MiB FUSE read requests (measured ~1.6x the 128 KiB def
 
 
 def serve(store_root: str, mountpoint: str, *, artifact: str | None, allow_other: bool, debug: bool,
-          verify_reads: bool, ready_fd: int | None) -> None:
+          verify_reads: bool, ready_fd: int | None, io_timeout: float | None = None) -> None:
     """Serve the store (or one version of it) at `mountpoint` until it is unmounted or signalled;
     MountError when it cannot be mounted."""
     _Daemon(store_root, mountpoint, artifact=artifact, allow_other=allow_other, debug=debug,
-            verify_reads=verify_reads, ready_fd=ready_fd).run()
+            verify_reads=verify_reads, ready_fd=ready_fd, io_timeout=io_timeout).run()
 
 
 class _RefWatcher:
@@ -118,8 +118,9 @@ def _set_read_ahead(dev: int) -> None:
 
 class _Daemon:
     def __init__(self, store_root: str, mountpoint: str, *, artifact: str | None, allow_other: bool,
-                 debug: bool, verify_reads: bool, ready_fd: int | None) -> None:
+                 debug: bool, verify_reads: bool, ready_fd: int | None, io_timeout: float | None = None) -> None:
         self.store_root = store_root
+        self.io_timeout = io_timeout
         self.mountpoint = mountpoint
         self.artifact = artifact
         self.allow_other = allow_other
@@ -133,7 +134,7 @@ class _Daemon:
 
     def run(self) -> None:
         try:
-            store = Store(self.store_root, create=False)
+            store = Store(self.store_root, create=False, io_timeout=self.io_timeout)
         except ArtifactFSError as e:
             raise MountError(f"cannot mount at {self.mountpoint}: {one_line(e)}") from None
         watcher = _RefWatcher()
