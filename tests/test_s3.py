@@ -346,17 +346,26 @@ def test_an_upload_never_overwrites_what_another_writer_put_unless_it_is_putting
     assert c.get_object(Bucket=blobs.bucket, Key=key)["Body"].read() == b"second writer"
 
 
+def store_on_own_server(tmp_path: Path, **init: float) -> tuple[S3Server, str]:
+    """A SeaweedFS of the test's own (to kill or stop) and the root of a store on it holding FILES
+    as ds:v0, with an empty cache; the caller stops the server."""
+    own = start_seaweed(tmp_path / "own-seaweed")
+    try:
+        s = Store.init(tmp_path / "st", blobs=f"s3://{own.new_bucket()}", endpoint_url=own.endpoint, **init)
+        log_files(s, "ds", FILES)
+        s.close()
+    except BaseException:
+        own.stop()
+        raise
+    shutil.rmtree(Path(s.root) / "cache")
+    return own, s.root
+
+
 @pytest.mark.fuse
 def test_a_server_gone_mid_read_is_eio_in_bounded_time_and_the_mount_serves_again_once_it_is_back(
         s3: S3Server, tmp_path: Path, mounter: Mounter) -> None:
-    own = start_seaweed(tmp_path / "own-seaweed")  # this one is killed: not the session's
+    own, root = store_on_own_server(tmp_path, io_timeout=2)  # this server is killed: not the session's
     try:
-        bucket = own.new_bucket()
-        s = Store.init(tmp_path / "st", blobs=f"s3://{bucket}", endpoint_url=own.endpoint, io_timeout=2)
-        log_files(s, "ds", FILES)
-        root = s.root
-        s.close()
-        shutil.rmtree(Path(root) / "cache")
         m = mounter.start(root)
         v0 = m.path / "ds" / "v0"
         assert (v0 / "small/f0.bin").read_bytes() == FILES["small/f0.bin"]
@@ -474,14 +483,8 @@ def test_the_fsspec_filesystem_reads_through_the_same_verified_cache(s3: S3Serve
 def test_a_hung_server_is_eio_after_the_mounts_io_timeout_and_served_again_when_it_answers(
         s3: S3Server, tmp_path: Path, mounter: Mounter) -> None:
     import signal
-    own = start_seaweed(tmp_path / "own-seaweed")  # this one is stopped: not the session's
+    own, root = store_on_own_server(tmp_path)  # io_timeout 30 s; this server is stopped: not the session's
     try:
-        bucket = own.new_bucket()
-        s = Store.init(tmp_path / "st", blobs=f"s3://{bucket}", endpoint_url=own.endpoint)  # io_timeout 30 s
-        log_files(s, "ds", FILES)
-        root = s.root
-        s.close()
-        shutil.rmtree(Path(root) / "cache")
         m = mounter.start(root, "--io-timeout", "1")
         os.killpg(own.proc.pid, signal.SIGSTOP)  # it accepts connections and never answers
         try:
