@@ -18,7 +18,9 @@ Workloads (default: all of them, peers included; --no-peers leaves the peers out
   remote        a store whose blobs are in a bucket (SeaweedFS on 127.0.0.1, started for the run):
                 log of the 20,000 files vs boto3 PUT per object (16 threads), first read of 2,000
                 of them through the mount with an empty cache vs boto3 GET one by one, log of the
-                2 GiB file vs boto3 multipart upload, its cold read vs boto3 GET (1 and 10 streams)
+                2 GiB file vs boto3 multipart upload, its cold read vs boto3 GET (1 and 10 streams);
+                `remote peers` adds s3fs and rclone (--vfs-cache-mode full) mounts of the same
+                objects, cold (Debian packages, apt-get installs them on first use)
   peers         adds squashfuse, squashfuse_ll and ratarmount to read-large, read-small and
                 metadata, and dvc add and W&B add_dir to ingest-tree and ingest-large (same
                 data, same native baselines, plus "artifactfs vs <peer>" rows). Alone it means
@@ -347,23 +349,27 @@ def ensure_venv(name: str, packages: list[str]) -> tuple[str | None, str | None]
     return os.path.join(d, "bin"), None
 
 
-def ensure_squashfuse() -> str | None:
-    """squashfuse, squashfuse_ll and mksquashfs on PATH (apt-get installs them if missing): reason or None."""
-    need = ["squashfuse", "squashfuse_ll", "mksquashfs"]
-    if all(shutil.which(x) for x in need):
+def ensure_apt(packages: list[str], commands: list[str]) -> str | None:
+    """`commands` on PATH (apt-get installs `packages` if one is missing): reason or None."""
+    if all(shutil.which(x) for x in commands):
         return None
+    what = " ".join(packages)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "squashfuse/squashfs-tools not installed and apt-get not usable here"
-    print("  installing squashfuse squashfs-tools (apt-get) ...", file=sys.stderr, flush=True)
+        return f"{what} not installed and apt-get not usable here"
+    print(f"  installing {what} (apt-get) ...", file=sys.stderr, flush=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, stdin=subprocess.DEVNULL, check=False)
-    r = subprocess.run(["apt-get", "install", "-y", "-q", "squashfuse", "squashfs-tools"], capture_output=True,
+    r = subprocess.run(["apt-get", "install", "-y", "-q", *packages], capture_output=True,
                        text=True, env=env, stdin=subprocess.DEVNULL, check=False)
-    missing = [x for x in need if not shutil.which(x)]
+    missing = [x for x in commands if not shutil.which(x)]
     if missing:
-        return f"apt-get install squashfuse squashfs-tools failed ({', '.join(missing)} missing): " \
-               f"{one_line(r.stderr or r.stdout)}"
+        return f"apt-get install {what} failed ({', '.join(missing)} missing): {one_line(r.stderr or r.stdout)}"
     return None
+
+
+def ensure_squashfuse() -> str | None:
+    """squashfuse, squashfuse_ll and mksquashfs on PATH: reason or None."""
+    return ensure_apt(["squashfuse", "squashfs-tools"], ["squashfuse", "squashfuse_ll", "mksquashfs"])
 
 
 FUSE_PEERS = ("squashfuse", "squashfuse_ll", "ratarmount")
@@ -1031,6 +1037,19 @@ def remote(ctx: Ctx) -> list[Row]:
     bucket = server.new_bucket()
     _put_each(client, bucket, small, ctx.tree, 16)
     client.upload_file(large, bucket, "large.bin")
+    s3_peers = _s3_peers(ctx, server, bucket) if ctx.want_peers else {}
+    peer_rows: list[tuple[str, Callable[[], PeerMount], Row, Row, Row, Row]] = []
+    extra_rows: list[Row] = []
+    for peer, made in s3_peers.items():
+        if isinstance(made, str):
+            extra_rows += [skipped("remote", f"{peer}, {what}", "-", made)
+                           for what in ("cold (2,000 small)", "cold (large)")]
+            continue
+        ps = Row("remote", f"{peer}, cold (2,000 small)", "files/s", baseline=get1.contender)
+        pl = Row("remote", f"{peer}, cold (large)", "MB/s", baseline=g10.contender)
+        vs = Row("remote", f"mount vs {peer}, cold (2,000 small)", "files/s", baseline=ps.contender)
+        vl = Row("remote", f"mount vs {peer}, cold (large)", "MB/s", baseline=pl.contender)
+        peer_rows.append((peer, made, ps, pl, vs, vl))
     small_store = _remote_store(ctx, server, "small")
     a = Artifact("small", "dataset")
     for p in small:
@@ -1071,7 +1090,47 @@ def remote(ctx: Ctx) -> list[Row]:
             t = timed(read_file, os.path.join(m, "large", "v0", os.path.basename(large)))
         cold_large.values.append(large_mb / t)
         cold_large10.values.append(large_mb / t)
-    return [put16, log_tree, get1, cold_small, mp, log_large, g1, g10, cold_large, cold_large10]
+        for _peer, made, ps, pl, vs, vl in peer_rows:
+            drop_caches()
+            with made() as m:
+                ps.values.append(len(keys) / timed(read_files, [os.path.join(m, k) for k in keys]))
+                pl.values.append(large_mb / timed(read_file, os.path.join(m, "large.bin")))
+            vs.values.append(cold_small.values[-1])
+            vl.values.append(cold_large.values[-1])
+    return [put16, log_tree, get1, cold_small, mp, log_large, g1, g10, cold_large, cold_large10, *extra_rows,
+            *(r for _p, _m, *rows in peer_rows for r in rows)]
+
+
+def _s3_peers(ctx: Ctx, server: Any, bucket: str) -> dict[str, Callable[[], PeerMount] | str]:
+    """s3fs and rclone (`--vfs-cache-mode full`) mounting the same bucket, each a fresh mount (with
+    an empty cache) per run; a reason instead where one cannot be had."""
+    from servers import ACCESS_KEY, SECRET_KEY
+    out: dict[str, Callable[[], PeerMount] | str] = {}
+    mnt = os.path.join(ctx.tmp, "mnt-s3-peer")
+    why = ensure_apt(["s3fs"], ["s3fs"])
+    if why is None:
+        pw = os.path.join(ctx.tmp, "s3fs-passwd")
+        with open(pw, "w") as f:
+            f.write(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        os.chmod(pw, 0o600)
+        out["s3fs"] = lambda: PeerMount(["s3fs", bucket, "-o", f"url={server.endpoint}", "-o", "use_path_request_style",
+                                         "-o", f"passwd_file={pw}", "-o", "ro"], mnt)
+    else:
+        out["s3fs"] = why
+    why = ensure_apt(["rclone"], ["rclone"])
+    if why is None:
+        os.environ.update({"RCLONE_CONFIG_SW_TYPE": "s3", "RCLONE_CONFIG_SW_PROVIDER": "Other",
+                           "RCLONE_CONFIG_SW_ENDPOINT": server.endpoint, "RCLONE_CONFIG_SW_ACCESS_KEY_ID": ACCESS_KEY,
+                           "RCLONE_CONFIG_SW_SECRET_ACCESS_KEY": SECRET_KEY})
+
+        def rclone() -> PeerMount:
+            cache = _fresh_dir(ctx, "rclone-cache")
+            return PeerMount(["rclone", "mount", f"sw:{bucket}", "--read-only", "--vfs-cache-mode", "full",
+                              "--cache-dir", cache, "--daemon"], mnt)
+        out["rclone --vfs-cache-mode full"] = rclone
+    else:
+        out["rclone --vfs-cache-mode full"] = why
+    return out
 
 
 WORKLOADS: dict[str, Callable[[Ctx], list[Row]]] = {
@@ -1097,7 +1156,7 @@ def ratio(rows: list[Row], row: Row) -> float | None:
     return None
 
 
-# -- targets (issue 4; ingest-tree tightened by issue 11): (label, workload, contender, unit, op, bound) --
+# -- targets (issue 4; ingest-tree: issue 11; remote: issue 12): (label, workload, contender, unit, op, bound) --
 
 TARGETS: list[tuple[str, str, str, str, str, float]] = [
     ("read-large cold >= 0.85x native", "read-large", "through the mount, cold", "MB/s", ">=", 0.85),
@@ -1187,7 +1246,7 @@ def report(rows: list[Row], a: argparse.Namespace, runs: int, interrupted: bool)
                     "ratio": rt, "note": r.note, "skipped": r.skipped})
     tg = targets(rows)
     if tg:
-        print("\ntargets (issues 4 and 11; ratios are medians of this run)")
+        print("\ntargets (issues 4, 11 and 12; ratios are medians of this run)")
         tw = max(len(t["target"]) for t in tg)
         for t in tg:
             if t["met"] is None:
