@@ -7,11 +7,13 @@ the caller's AWS environment: tests get their credentials and endpoint from `S3S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -107,6 +109,14 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says, named by gRPC port (its
+        # HTTP port + 10000), and leaves them: remove ours.
+        for kind in ("master", "volume", "filer", "s3", "admin"):
+            for port in self.ports:
+                path = f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock"
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
 
 
 def start_seaweed(workdir: Path, timeout: float = 60.0, ports: list[int] | None = None) -> S3Server:

@@ -378,16 +378,17 @@ class S3Blobs(PackedBlobs):
 
     def trim_cache(self, limit: int | None = None) -> tuple[int, int]:
         """Remove the least recently used copies until the cache holds at most `limit` bytes
-        (default: the bound); (files, bytes) removed. Packs written in the last PACK_GRACE
+        (default: seven eighths of the bound); (files, bytes) removed. Packs written in the last PACK_GRACE
         seconds stay (a log in progress uploads its packs before its commit), so a cache smaller
         than what one log packs exceeds its bound until that log is over. A reader with the file
         open reads on: removing a name never takes the bytes from an open descriptor."""
-        bound = self.cache_size if limit is None else limit
+        # By default, room for the eighth of the bound a process adds before it trims again
+        # (_grew): the cache stays within its bound.
+        goal = limit if limit is not None else self.cache_size - max(self.cache_size // 8, 1)
         files = self._cache_files()
         total = sum(n for _, n, _ in files)
-        if total <= bound:
+        if total <= goal:
             return 0, 0
-        goal = bound if limit is not None else int(bound * 0.9)  # some room: not a trim per fetch
         now = time.time()
         removed = freed = 0
         for mtime, size, path in sorted(files):
