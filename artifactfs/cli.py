@@ -17,7 +17,6 @@ from typing import Any
 
 from . import __version__
 from .artifact import Artifact
-from .config import format_size
 from .errors import ArtifactFSError, CatalogDamaged, one_line
 from .store import REPACK_BELOW, ArtifactVersion, RepackReport, Store, default_root
 
@@ -382,7 +381,7 @@ def cmd_init(root: str, a: argparse.Namespace) -> int:
                    io_timeout=a.io_timeout)
     try:
         where = f"blobs in {s.config.blobs}" if s.config.remote else "blobs on this disk"
-        print(f"initialised {s.root}: {where}, host cache up to {format_size(s.config.cache_size)}")
+        print(f"initialised {s.root}: {where}, host cache up to {_human(s.config.cache_size)}")
     finally:
         s.close()
     return 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import ArtifactFSError
 
-__all__ = ["StoreConfig", "parse_size", "format_size", "parse_blobs_url", "CONFIG_FILE",
+__all__ = ["StoreConfig", "parse_size", "parse_blobs_url", "CONFIG_FILE",
            "DEFAULT_CACHE_SIZE", "DEFAULT_IO_TIMEOUT"]
 
 CONFIG_FILE = "config.toml"
@@ -46,8 +46,8 @@ def parse_size(value: int | str) -> int:
     return n
 
 
-def format_size(n: int) -> str:
-    """`n` bytes in the largest binary unit that keeps it readable (``1.5 GiB``)."""
+def _binary_size(n: int) -> str:
+    """`n` bytes in the largest binary unit, as config.toml's readers write sizes (``1.5 GiB``)."""
     for unit, k in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= k:
             return f"{n / k:.1f} {unit}"
@@ -123,7 +123,7 @@ class StoreConfig:
             if self.region is not None:
                 lines.append(f"region = {json.dumps(self.region)}")
             lines.append("")
-        lines += ["[cache]", f"size = {self.cache_size}  # bytes ({format_size(self.cache_size)})", "",
+        lines += ["[cache]", f"size = {self.cache_size}  # bytes ({_binary_size(self.cache_size)})", "",
                   "[mount]", f"io_timeout = {self.io_timeout}  # seconds a fetch may take before it fails (EIO)",
                   ""]
         return "\n".join(lines)

@@ -17,6 +17,7 @@ keeps its pack readable after a repack removed it.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -297,18 +298,27 @@ class PackedBlobs(LocalBlobs):
                     raise
         return FileReader(self._pack_fd(at.pack), at.size, at.offset)
 
+    def _name_locked(self, pack: int) -> str:
+        """The file name of pack `pack` (under _fd_lock); FileNotFoundError when it is gone."""
+        name = self._names.get(pack)
+        if name is None:
+            self._names = self.index.pack_names()
+            name = self._names.get(pack)
+            if name is None:
+                raise FileNotFoundError(errno.ENOENT, f"no pack {pack}")
+        return name
+
+    def pack_name(self, pack: int) -> str:
+        """The file name of pack `pack`; FileNotFoundError when the catalog has no such pack."""
+        with self._fd_lock:
+            return self._name_locked(pack)
+
     def _pack_fd(self, pack: int) -> int:
         """A descriptor of its own of pack `pack` (FileNotFoundError when the pack is gone)."""
         with self._fd_lock:
             fd = self._fds.get(pack)
             if fd is None:
-                name = self._names.get(pack)
-                if name is None:
-                    self._names = self.index.pack_names()
-                    name = self._names.get(pack)
-                    if name is None:
-                        raise FileNotFoundError(f"no pack {pack}")
-                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.pack_path(self._name_locked(pack)), os.O_RDONLY | os.O_CLOEXEC)
                 if len(self._fds) >= FD_CACHE:
                     os.close(self._fds.pop(next(iter(self._fds))))  # Readers hold dups: safe
                 self._fds[pack] = fd

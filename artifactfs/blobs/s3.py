@@ -3,15 +3,16 @@
 The bucket holds what `PackedBlobs` keeps on disk, under the store's prefix:
 ``<prefix>/blobs/<oid[:2]>/<oid>`` for a large blob, ``<prefix>/packs/<name>.pack`` for a pack,
 ``<prefix>/quarantine/<oid>`` for what ``fsck --repair`` moved aside. A log writes as a local
-store does, into the cache directory (same layout), and uploads before its catalog commit:
-its packs in `take_packs`, its large blobs in `sync`; so the commit never names an object the
-bucket lacks. Uploads are conditional (``If-None-Match: *``) where the server supports it:
-content-addressed keys and random pack names mean a refused PUT is the same bytes already there.
+store does, into the cache directory (same layout), and uploads before its catalog commit: a
+large blob as it is put, a pack as it fills (`pack_closed`) and the last ones in `take_packs`;
+so the commit never names an object the bucket lacks. Uploads are conditional
+(``If-None-Match: *``) where the server supports it: content-addressed keys and random pack
+names mean a refused PUT is the same bytes already there.
 
 Reads are served from the cache, a local file, so a read stays a `pread`. A miss fetches the
-blob (a packed one by a ranged GET of its bytes in the pack object) into a temp file, hashes it
-with blake3 and only then renames it into the cache: nothing unverified is ever served, and a
-blob altered in the bucket is EIO, never its bytes.
+blob (a packed one by a ranged GET of its pack object, with its neighbours) into a temp file,
+hashes it with blake3 and only then renames it into the cache: nothing unverified is ever
+served, and a blob altered in the bucket is EIO, never its bytes.
 """
 
 from __future__ import annotations
@@ -210,6 +211,10 @@ class S3Blobs(PackedBlobs):
                                         f"s3://{self.bucket}/{key} has no bytes {start}-{start + size}") from None
             raise self._error(e, key) from e
 
+    def _get_packed(self, at: Location, size: int | None = None) -> bytes:
+        """`size` bytes (default: the blob's) of the pack object from where `at` says a blob is."""
+        return self._get_range(self._pack_key(self.pack_name(at.pack)), at.offset, at.size if size is None else size)
+
     def _list(self, sub: str) -> Iterator[tuple[str, int, float]]:
         """(name after `sub`, size, mtime) of each object under the store's `sub` prefix."""
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + sub)
@@ -293,21 +298,11 @@ class S3Blobs(PackedBlobs):
             self._fetch_loose(oid)
         return super(PackedBlobs, self).open(oid)
 
-    def _pack_name(self, pack: int) -> str:
-        with self._fd_lock:
-            name = self._names.get(pack)
-            if name is None:
-                self._names = self.index.pack_names()
-                name = self._names.get(pack)
-        if name is None:
-            raise FileNotFoundError(errno.ENOENT, f"no pack {pack}")
-        return name
-
-    def _cache_bytes(self, oid: str, data: bytes | memoryview) -> None:
-        """Put fetched bytes in the cache if they are blob `oid`; EIO (and a log line) if not."""
-        got = hash_bytes(data).digest
+    def _cache_bytes(self, oid: str, data: bytes | memoryview) -> str:
+        """Put fetched bytes in the cache if they are blob `oid`; what they hash to."""
+        got = blake3.blake3(data).hexdigest()
         if got != oid:
-            raise self._corrupt(oid, got)
+            return got
         tmp = self._fetch_tmp()
         try:
             with open(tmp, "xb") as f:
@@ -316,6 +311,7 @@ class S3Blobs(PackedBlobs):
             self._install_fetched(tmp, oid)
         finally:
             unlink_quietly(tmp)
+        return got
 
     def _fetch_tmp(self) -> str:
         """A temp file name for a fetch (the cache may have been emptied by hand)."""
@@ -461,19 +457,18 @@ class S3Blobs(PackedBlobs):
         with lock:
             if os.path.exists(self.path(oid)):
                 return  # a neighbour's fetch brought it meanwhile
-            name = self._pack_name(at.pack)
             take = [(o, st, n) for o, st, n in self._pack_blobs(at.pack)
                     if at.offset <= st and st + n <= at.offset + max(WINDOW, at.size)]
             if not take or take[0][:2] != (oid, at.offset):
                 take = [(oid, at.offset, at.size)]  # the index moved on: this blob alone
             end = max(st + n for _, st, n in take)
-            data = memoryview(self._get_range(self._pack_key(name), at.offset, end - at.offset))
+            data = memoryview(self._get_packed(at, end - at.offset))
             for o, st, n in take:
-                piece = data[st - at.offset:st - at.offset + n]
-                if o == oid:
-                    self._cache_bytes(oid, piece)  # raises, logged, if it is not the blob
-                elif not os.path.exists(self.path(o)) and hash_bytes(piece).digest == o:
-                    self._cache_bytes(o, piece)
+                if o != oid and os.path.exists(self.path(o)):
+                    continue
+                got = self._cache_bytes(o, data[st - at.offset:st - at.offset + n])
+                if o == oid and got != oid:
+                    raise self._corrupt(oid, got)  # a wrong neighbour is only left out
 
     def _pack_blobs(self, pack: int) -> list[tuple[str, int, int]]:
         """(oid, offset, size) of the blobs in a pack, by offset (packs never change: kept)."""
@@ -491,7 +486,7 @@ class S3Blobs(PackedBlobs):
         bucket is the store."""
         at = self.index.locate(oid)
         if at is not None:
-            data = self._get_range(self._pack_key(self._pack_name(at.pack)), at.offset, at.size)
+            data = self._get_packed(at)
             if count is not None:
                 count(len(data))
             return hash_bytes(data)
@@ -600,8 +595,7 @@ class S3Blobs(PackedBlobs):
         at = self.index.locate(oid)
         try:
             if at is not None:
-                data = self._get_range(self._pack_key(self._pack_name(at.pack)), at.offset, at.size)
-                self.s3.put_object(Bucket=self.bucket, Key=dest, Body=data)
+                self.s3.put_object(Bucket=self.bucket, Key=dest, Body=self._get_packed(at))
                 self.index.drop_locations([oid])
             else:
                 self.s3.copy_object(Bucket=self.bucket, Key=dest,
