@@ -25,7 +25,8 @@ from .errors import InvalidName
 from .files import FINGERPRINT_FIELDS, Fingerprint
 from .leases import pid_alive
 from .manifest import Manifest, ManifestEntry, symlink_digest
-from .refs import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, Tracked, expand_reference
+from .refs import DEFAULT_MAX_OBJECTS, FileRef, PendingArtifactRef, PendingRemoteRef, Tracked, expand_reference
+from .refs.remote import RemoteObject
 from .tree import DIRECTORY, FILE, SYMLINK, walk_tree
 
 __all__ = ["Artifact"]
@@ -51,7 +52,7 @@ class EmptyDir:
     """An empty directory, kept so the tree comes back as it was."""
 
 
-Pending = LocalFile | Symlink | EmptyDir | FileRef | Tracked
+Pending = LocalFile | Symlink | EmptyDir | FileRef | Tracked | RemoteObject
 
 
 def needs_content(item: Pending) -> TypeGuard[LocalFile | FileRef]:
@@ -84,6 +85,8 @@ def entry_of(path: str, item: Pending, h: Content | None = None, key: Fingerprin
         return EntryRow(path, "", 0, None, None, None, {}, DIRECTORY)
     if isinstance(item, Tracked):
         return EntryRow(path, item.uri, None, item.uri, None, None, {})
+    if isinstance(item, RemoteObject):
+        return item.row(path)
     if isinstance(item, FileRef) and not item.checksum:
         return EntryRow(path, item.uri, item.size, item.uri, None, None, {})
     if h is None:
@@ -121,6 +124,7 @@ class Artifact:
         self.metadata = metadata
         self._pending: dict[str, Pending] = {}
         self._artifact_refs: list[PendingArtifactRef] = []
+        self._remote_refs: list[PendingRemoteRef] = []  # s3:// and http(s)://, looked up at log time
         self._local_names: dict[str, str] = {}  # absolute local path -> entry path
         self._staging: str | None = None
         # Set by Store.import_wandb: entry path -> ("md5" | "xxh128", base64 digest) the content
@@ -219,7 +223,10 @@ class Artifact:
 
     def add_reference(self, uri: str, name: str | None = None, checksum: bool = True,
                       max_objects: int | None = None) -> list[ManifestEntry]:
-        """Add a reference: file:// (file or directory), artifact://NAME:VER/PATH, or tracked."""
+        """Add a reference: file:// (file or directory), artifact://NAME:VER/PATH, s3://BUCKET/KEY
+        or a prefix, http(s)://, or any other URI tracked. artifact://, and s3:// and http(s)://
+        with a checksum, are looked up when the draft is logged (the store knows the endpoint
+        then): they return no entries now."""
         limit = DEFAULT_MAX_OBJECTS if max_objects is None else max_objects
         if not isinstance(limit, int) or limit < 1:
             raise InvalidName(f"max_objects must be a positive integer, not {max_objects!r}")
@@ -228,6 +235,9 @@ class Artifact:
         result = expand_reference(uri, name=name, checksum=checksum, max_objects=limit)
         if isinstance(result, PendingArtifactRef):
             self._artifact_refs.append(result)
+            return []
+        if isinstance(result, PendingRemoteRef):
+            self._remote_refs.append(result)
             return []
         paths = [p for p, _ in result]
         self._check_free(paths)

@@ -324,8 +324,8 @@ def cmd_cache(store: Store, a: argparse.Namespace) -> int:
     if a.json:
         _print_json({"blobs": store.config.blobs, "files": files, "bytes": used, "bound": bound})
     else:
-        print(f"cache of {store.config.blobs}: {plural(files, 'file')}, {_human(used)} of {_human(bound)} "
-              f"({100 * used / bound:.0f}%)")
+        what = f"cache of {store.config.blobs}" if store.config.blobs else f"cache of {store.root}"
+        print(f"{what}: {plural(files, 'file')}, {_human(used)} of {_human(bound)} ({100 * used / bound:.0f}%)")
     return 0
 
 
@@ -529,10 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rewrite packs less full of live blobs than this (default: {REPACK_BELOW})")
     s.set_defaults(func=cmd_repack)
 
-    s = add("cache", "show this host's cache of a bucket's blobs; `cache prefetch NAME:VERSION` fills it, "
-                     "`cache clear` empties it", json_flag=True,
-            epilog="Only for a store whose blobs are in a bucket (`init --blobs`). Every blob is hashed before it "
-                   "enters the cache; the least recently read go first once it is over its bound "
+    s = add("cache", "show this host's cache (a bucket's blobs, s3:// and http(s):// references' content); "
+                     "`cache prefetch NAME:VERSION` fills it, `cache clear` empties it", json_flag=True,
+            epilog="Every blob is hashed before it enters the cache, and a reference's content is fetched pinned to "
+                   "its logged ETag or version; the least recently read go first once it is over its bound "
                    "(`init --cache-size`). Packs written in the last 10 minutes stay: a log in progress may "
                    "not have uploaded them yet. Readers with a file open read on through a clear.")
     s.add_argument("action", metavar="ACTION", nargs="?", choices=["prefetch", "clear"],
@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true",
                    help="quarantine corrupt blobs (a later log of their source restores them)")
     s.add_argument("--references", action="store_true",
-                   help="also re-check checksummed file:// references and list the changed ones")
+                   help="also re-check checksummed references (file:// re-hashed where changed; s3:// and "
+                        "http(s):// asked for their logged ETag or version) and list the changed ones")
     s.set_defaults(func=cmd_fsck)
 
     s = add("mount", "mount the store (or one version) read-only at MOUNT; returns once the mount is ready. "

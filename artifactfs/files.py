@@ -10,7 +10,7 @@ import os
 from .digests import CHUNK, Count
 
 __all__ = ["fingerprint", "Fingerprint", "FINGERPRINT_FIELDS", "reflink", "CANNOT_CLONE", "copy_fd", "copy_range",
-           "Halves", "syncfs", "start_writeback", "read_all", "unlink_quietly", "COPY_STEP"]
+           "Halves", "syncfs", "start_writeback", "read_all", "pwrite_all", "unlink_quietly", "COPY_STEP"]
 
 # What a file's stat must still say for what we know of its content to hold (the stat cache's
 # key; a checksummed reference's fingerprint).
@@ -131,6 +131,14 @@ class Halves:
             now = (self.a + self.b) // 2
             self.count(now - self.told)
             self.told = now
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def unlink_quietly(path: str) -> None:

@@ -21,6 +21,7 @@ from .manifest import ManifestEntry, manifest_digest
 from .names import check_entry_path
 from .refs.artifact import catalog_lookup
 from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
+from .refs.remote import RemoteChanged, is_remote, pin_of
 from .tree import DIRECTORY, FILE, SYMLINK, check_link_target, link_problem
 
 if TYPE_CHECKING:
@@ -246,9 +247,13 @@ class Fsck:
 
     def check_references(self, label: str, rows: list[RawEntry], v: VersionRow) -> None:
         """Each checksummed file:// reference still holds its logged content (re-hashed where its
-        stat changed). A changed one the store holds a copy of is served from the copy: listed,
-        not damage."""
+        stat changed), each s3:// and http(s):// one still answers with its logged ETag or
+        version (asked, not read). A changed file the store holds a copy of is served from the
+        copy: listed, not damage."""
         for r in rows:
+            if r.blob is None and r.size is not None and is_remote(r.ref, r.digest, r.size):
+                self._check_remote(label, r)
+                continue
             if r.ref is None or not r.ref.startswith("file://") or r.blob is not None or r.digest == r.ref:
                 continue
             local = local_path_of(r.ref)
@@ -268,6 +273,23 @@ class Fsck:
                 self.report.changed_references.append(f"{where}: {local} changed")
                 self._damage("changed-reference", f"{where}: referenced file {local} changed or is gone since it "
                              "was logged (reading it fails with EIO)", None, [label])
+
+    def _check_remote(self, label: str, r: RawEntry) -> None:
+        assert r.ref is not None and isinstance(r.size, int)
+        try:
+            extra = json.loads(r.extra)
+        except (TypeError, ValueError):
+            extra = {}
+        self.report.references_checked += 1
+        where = f"{label}/{r.path}"
+        try:
+            self.store.remote.check(pin_of(r.ref, r.digest, r.size, extra if isinstance(extra, dict) else {}))
+        except RemoteChanged as e:
+            self.report.changed_references.append(f"{where}: {e.strerror}")
+            self._damage("changed-reference", f"{where}: {e.strerror} (reading it fails with EIO)", None, [label])
+        except OSError as e:
+            # Not damage of the store: the server could not be asked now.
+            self.report.changed_references.append(f"{where}: could not be checked: {e.strerror or e}")
 
     def check_latest_alias(self) -> None:
         """Every artifact with versions has `latest` on its newest version; aliases name live versions."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from .errors import ArtifactFSError
+from .refs.remote import is_remote
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, Lookup, Outcome, resolve_link, table_lookup
 
 if TYPE_CHECKING:
@@ -76,8 +77,14 @@ class ManifestEntry:
 
     @property
     def is_checked_content(self) -> bool:
-        """True for a file whose `digest` is a blake3 digest of its bytes (blob or checksummed ref)."""
-        return self.kind == FILE and not (self.ref is not None and self.digest == self.ref)
+        """True for a file whose `digest` is a blake3 digest of its bytes (blob or checksummed
+        file:// reference)."""
+        return self.kind == FILE and not (self.ref is not None and self.digest == self.ref) and not self.is_remote
+
+    @property
+    def is_remote(self) -> bool:
+        """An s3:// or http(s):// reference logged with a checksum: its digest is the ETag."""
+        return self.kind == FILE and is_remote(self.ref, self.digest, self.size)
 
     @property
     def mode(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -11,7 +12,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, entry_of, needs_content
 from .blobs import BlobBackend, FileReader, Location, NewPack, Reader
 from .blobs.packs import HEADER, PACK_MAX, PackedBlobs, pack_hold
+from .cache import HostCache
 from .catalog import Catalog, Collection, EntryRow, LogCommit, VersionId, VersionRow, open_catalog
 from .catalog.host import HostDB
 from .config import CONFIG_FILE, DEFAULT_CACHE_SIZE, DEFAULT_IO_TIMEOUT, StoreConfig, parse_size
@@ -33,10 +35,11 @@ from .manifest import Manifest, ManifestEntry, manifest_digest
 from .refs import FileRef
 from .refs.artifact import resolve_artifact_ref
 from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
+from .refs.remote import RemoteChanged, RemoteRefs, pin_of
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
 
 if TYPE_CHECKING:
-    from .blobs.s3 import S3Blobs
+    pass
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
 
@@ -106,6 +109,9 @@ class Store:
             except ValueError as e:
                 raise InvalidName(str(e)) from None
         self.host = HostDB(root_dir)  # this machine's own state (stat cache, mounts)
+        # Copies of what lives elsewhere (a bucket's blobs, s3:// and http(s):// references).
+        self.cache = HostCache(os.path.join(root_dir, "cache"), self.config.cache_size)
+        self.remote = RemoteRefs(self.cache, self.config)
         self.catalog: Catalog = open_catalog(root_dir, create=create, host=self.host)
         if blobs is None:
             local = self._blobs_of_config()
@@ -120,7 +126,7 @@ class Store:
         if not self.config.remote:
             return PackedBlobs(self.root, self.catalog)
         from .blobs.s3 import S3Blobs
-        return S3Blobs.from_config(self.root, self.catalog, self.config)
+        return S3Blobs.from_config(self.root, self.catalog, self.config, self.cache)
 
     @classmethod
     def init(cls, root: str | os.PathLike[str] | None = None, *, blobs: str | None = None,
@@ -221,6 +227,11 @@ class Store:
                 if row.blob is not None:
                     lease.hold(row.blob)  # another version's blob: its version may be deleted meanwhile
                 entries[path] = row._replace(path=path, extra={**row.extra, "source": pref.uri})
+        for rref in artifact._remote_refs:  # a HEAD, or a listing: nothing is read yet
+            for path, obj in self.remote.lookup(rref):
+                if path in entries or path in artifact._pending:
+                    raise InvalidName(f"entry {path!r} was added twice to artifact {artifact.name!r}")
+                entries[path] = obj.row(path)
 
         implied = _check_tree_shape([*entries, *(p for p, _ in artifact._items())],
                                     {p for p, i in artifact._items() if isinstance(i, EmptyDir)})
@@ -413,41 +424,47 @@ class Store:
         except NotFound:
             raise NotFound(f"{spec} was already deleted") from None
 
-    # -- the host cache (a store whose blobs are in a bucket) --------------------------------
-
-    def _remote_blobs(self) -> S3Blobs:
-        from .blobs.s3 import S3Blobs
-        if not isinstance(self.blobs, S3Blobs):
-            raise ArtifactFSError(f"the store at {self.root} keeps its blobs on its own disk: it has no cache "
-                                  "(`artifactfs init --blobs s3://...` makes a store whose blobs are in a bucket)")
-        return self.blobs
+    # -- the host cache ------------------------------------------------------------------------
 
     def cache_usage(self) -> tuple[int, int]:
-        """(files, bytes) in this host's cache of the bucket's blobs."""
-        return self._remote_blobs().cache_usage()
+        """(files, bytes) in this host's cache (a bucket's blobs, remote references' content)."""
+        return self.cache.usage()
 
     def clear_cache(self) -> tuple[int, int]:
         """Empty this host's cache, but for what logs in progress may still upload; (files,
         bytes) removed. Readers with a file open read on."""
-        return self._remote_blobs().trim_cache(0)
+        return self.cache.trim(0)
 
     def prefetch(self, spec: str, progress: Progress | None = None, *, workers: int = 8) -> int:
-        """Fetch every blob of a version into this host's cache (verified, as any read); the
-        bytes it holds. Progress is in bytes."""
-        blobs = self._remote_blobs()
+        """Fetch what a version reads from elsewhere into this host's cache (a bucket's blobs,
+        s3:// and http(s):// references; verified, as any read); the bytes that makes. Progress
+        is in bytes."""
         v = self.artifact(spec)
-        oids = {e.blob: e.size or 0 for e in v.manifest.entries.values() if e.blob is not None}
-        meter = Meter(progress, sum(oids.values()))
+        entries = v.manifest.entries.values()
+        todo: dict[str, tuple[int, Callable[[], Reader]]] = {}
+        if self.config.remote:
+            for e in entries:
+                if e.blob is not None:
+                    todo[e.blob] = (e.size or 0, functools.partial(self.blobs.open, e.blob))
+        for e in entries:
+            if e.is_remote:
+                assert e.ref is not None and e.size is not None
+                pin = pin_of(e.ref, e.digest, e.size, e.extra)
+                todo[pin.key] = (e.size, functools.partial(self.remote.open, pin))
+        if not todo:
+            raise ArtifactFSError(f"{v.qualified_name} reads nothing from elsewhere: its blobs are on this "
+                                  "store's own disk and it has no s3:// or http(s):// references")
+        meter = Meter(progress, sum(n for n, _ in todo.values()))
 
-        def one(oid: str) -> None:
-            blobs.open(oid).close()
-            meter.add(oids[oid])
+        def one(item: tuple[int, Callable[[], Reader]]) -> None:
+            item[1]().close()
+            meter.add(item[0])
 
         with ThreadPoolExecutor(workers, thread_name_prefix="artifactfs-prefetch") as pool:
-            for f in [pool.submit(one, o) for o in oids]:
+            for f in [pool.submit(one, x) for x in todo.values()]:
                 f.result()
         meter.finish()
-        return sum(oids.values())
+        return sum(n for n, _ in todo.values())
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -789,7 +806,9 @@ class ArtifactVersion:
 
         A checksummed reference is served from the referenced file while it holds the logged
         content (the same fingerprint and re-hash checks as the mount), else from a blob of the
-        logged digest when the store has one; otherwise DigestMismatch, never other bytes.
+        logged digest when the store has one; otherwise DigestMismatch, never other bytes. An
+        s3:// or http(s):// reference is read from this host's cache, fetched pinned to its
+        logged version or ETag: a changed object is DigestMismatch.
         """
         blobs = self._store.blobs
         if e.kind != FILE:
@@ -800,6 +819,12 @@ class ArtifactVersion:
             except FileNotFoundError:
                 raise ArtifactFSError(f"{self.qualified_name}/{e.path}: blob {e.blob} is missing from the store; "
                                       "run `artifactfs fsck`") from None
+        if e.is_remote:
+            assert e.ref is not None and e.size is not None
+            try:
+                return self._store.remote.open(pin_of(e.ref, e.digest, e.size, e.extra)), None
+            except RemoteChanged as exc:
+                raise DigestMismatch(f"{self.qualified_name}/{e.path}: {exc.strerror}") from None
         local = local_path_of(e.ref or "")
         if local is None:
             raise ArtifactFSError(f"entry {e.path!r} is a tracked reference ({e.ref}); its bytes are not here")
@@ -953,6 +978,13 @@ class ArtifactVersion:
                 continue
             elif e.is_checked_content:
                 path = local_path_of(e.ref or "") or ""
+            elif e.is_remote:  # the bucket or server vouches for its ETag: asked, not re-read
+                assert e.ref is not None and e.size is not None
+                try:
+                    self._store.remote.check(pin_of(e.ref, e.digest, e.size, e.extra))
+                except RemoteChanged as exc:
+                    bad.append(f"{e.path}: {exc.strerror}")
+                continue
             else:
                 continue
             if not e.is_checked_content:

@@ -5,8 +5,9 @@ content entries become files read from a directory (what W&B's `artifact.downloa
 from W&B's cache, each to be checked against its W&B digest (base64 MD5, or XXH128 when
 `extra.alg` says so) before the version is committed; `file://` references become checksummed
 references (their MD5 checked the same way), or unchecked ones when W&B logged them without a
-checksum; every other reference is tracked, keeping W&B's digest, size and extra so an export
-gives them back as they were.
+checksum; s3:// and http(s):// references W&B checksummed keep their ETag, size and version ID
+and are served pinned to them; every other reference is tracked, keeping W&B's digest, size and
+extra so an export gives them back as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from . import names
 from .artifact import Artifact
 from .errors import ArtifactFSError, InvalidName, NotFound
 from .manifest import INTERNAL_EXTRA, WANDB_STORAGE_POLICY, md5_string_b64
+from .refs.remote import RemoteObject, is_remote
 
 __all__ = ["wandb_cache_dir", "cache_path", "draft_from_wandb", "load_manifest"]
 
@@ -97,8 +99,14 @@ def draft_from_wandb(name: str, manifest: dict[str, Any], root: str | None, *, t
                 art._expect[path] = (alg, digest)
         elif ref.startswith("artifact://"):
             raise ArtifactFSError(f"entry {path!r}: {ref} is not a W&B reference; nothing was imported")
+        elif is_remote(ref, digest, ent.get("size")) and isinstance(ent.get("size"), int):
+            # An s3:// or http(s):// reference W&B checksummed: served pinned to its ETag and
+            # version, as W&B's own handlers read it (nothing is fetched now).
+            art._check_free([path])
+            art._pending[path] = RemoteObject(ref, digest, ent["size"], user)
+            continue
         else:
-            art.add_reference(ref, name=path)
+            art.add_reference(ref, name=path, checksum=False)  # tracked, keeping what W&B recorded
             if digest != ref or ent.get("size") is not None or user:
                 art._extra[path] = {"wandb": {"digest": digest, "size": ent.get("size"), "extra": user}}
                 continue

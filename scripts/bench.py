@@ -1012,7 +1012,7 @@ def _get_large(client: Any, bucket: str, key: str, threads: int) -> None:
 
 def remote(ctx: Ctx) -> list[Row]:
     """Against one SeaweedFS: logs into the bucket vs boto3 PUTs, cold reads through the mount
-    (empty cache) vs boto3 GETs."""
+    (empty cache) vs boto3 GETs, of a bucket store's blobs and of s3:// references."""
     try:
         import boto3.s3.transfer  # noqa: F401
         server = _seaweed(ctx)
@@ -1034,6 +1034,9 @@ def remote(ctx: Ctx) -> list[Row]:
     g10 = Row("remote", "boto3 GET (large), 10 threads", "MB/s")
     cold_large = Row("remote", "cold read through the mount, empty cache (large)", "MB/s", baseline=g1.contender)
     cold_large10 = Row("remote", "cold read through the mount vs 10-thread GET", "MB/s", baseline=g10.contender)
+    ref_small = Row("remote", "s3:// references of a local store, first read (2,000 small)", "files/s",
+                    baseline=get1.contender)
+    ref_large = Row("remote", "s3:// reference of a local store, cold read (large)", "MB/s", baseline=g1.contender)
     bucket = server.new_bucket()
     _put_each(client, bucket, small, ctx.tree, 16)
     client.upload_file(large, bucket, "large.bin")
@@ -1062,6 +1065,12 @@ def remote(ctx: Ctx) -> list[Row]:
     a.add_file(large)
     big_store.log_artifact(a)
     big_store.close()
+    os.environ["AWS_ENDPOINT_URL_S3"] = server.endpoint  # where the references are (mounts inherit it)
+    ref_store = Store(_fresh_dir(ctx, "store-refs"))
+    a = Artifact("refs", "dataset")
+    a.add_reference(f"s3://{bucket}/", name="b")  # one entry per object: the small ones and large.bin
+    ref_store.log_artifact(a)
+    ref_store.close()
     for i in range(ctx.runs):
         b = server.new_bucket()
         put16.values.append(len(paths) / timed(_put_each, client, b, paths, ctx.tree, 16))
@@ -1090,6 +1099,12 @@ def remote(ctx: Ctx) -> list[Row]:
             t = timed(read_file, os.path.join(m, "large", "v0", os.path.basename(large)))
         cold_large.values.append(large_mb / t)
         cold_large10.values.append(large_mb / t)
+        shutil.rmtree(os.path.join(ref_store.root, "cache"), ignore_errors=True)
+        drop_caches()
+        with Mount(ref_store.root, os.path.join(ctx.tmp, "mnt-remote")) as m:
+            b_dir = os.path.join(m, "refs", "v0", "b")
+            ref_small.values.append(len(keys) / timed(read_files, [os.path.join(b_dir, k) for k in keys]))
+            ref_large.values.append(large_mb / timed(read_file, os.path.join(b_dir, "large.bin")))
         for _peer, made, ps, pl, vs, vl in peer_rows:
             drop_caches()
             with made() as m:
@@ -1097,7 +1112,8 @@ def remote(ctx: Ctx) -> list[Row]:
                 pl.values.append(large_mb / timed(read_file, os.path.join(m, "large.bin")))
             vs.values.append(cold_small.values[-1])
             vl.values.append(cold_large.values[-1])
-    return [put16, log_tree, get1, cold_small, mp, log_large, g1, g10, cold_large, cold_large10, *extra_rows,
+    return [put16, log_tree, get1, cold_small, mp, log_large, g1, g10, cold_large, cold_large10, ref_small, ref_large,
+            *extra_rows,
             *(r for _p, _m, *rows in peer_rows for r in rows)]
 
 

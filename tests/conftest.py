@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import StoredBlob, stored_blobs
-from servers import AWS_VARIABLES, S3Server, start_seaweed
+from servers import AWS_VARIABLES, HttpServer, S3Server, start_nginx, start_seaweed
 
 from artifactfs import Store
 
@@ -166,3 +166,13 @@ def s3_store(s3: S3Server, tmp_path: Path) -> Iterator[Store]:
     s = Store.init(tmp_path / "s3-store", blobs=f"s3://{bucket}/team/store", endpoint_url=s3.endpoint)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    """nginx on 127.0.0.1 for the whole session, serving its `root` directory; stopped by PID."""
+    server = start_nginx(tmp_path_factory.mktemp("nginx"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -163,3 +163,88 @@ def start_seaweed(workdir: Path, timeout: float = 60.0, ports: list[int] | None 
                 server.stop()
                 raise RuntimeError(f"weed mini did not accept a PUT within {timeout} s:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.2)
+
+
+@dataclass
+class HttpServer:
+    """A running nginx serving `root` (static files, ETag and Range as nginx gives them) on
+    127.0.0.1: `/` plainly, `/no-etag/` without ETags, `/no-range/` ignoring Range; over http
+    at `url` and https at `https_url`, with a self-signed certificate (`cert`) for 127.0.0.1."""
+
+    url: str
+    https_url: str
+    cert: Path
+    root: Path
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_nginx(workdir: Path, timeout: float = 20.0) -> HttpServer:
+    """Debian's nginx in the foreground, every path of its own under `workdir`, stopped by PID."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        require_servers("nginx is not installed (apt-get install nginx-light; scripts/test does)")
+    assert nginx is not None
+    workdir = workdir.resolve()
+    root = workdir / "www"
+    root.mkdir(parents=True, exist_ok=True)
+    port, tls_port = _free_ports(2)
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    # Workers of a root master run as nobody unless told: the test's directories are private.
+    user = "user root root;" if os.geteuid() == 0 else ""
+    temps = "\n".join(f"    {k}_temp_path {workdir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""{user}
+daemon off;
+master_process on;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+{temps}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {root};
+        location /no-etag/ {{ etag off; }}
+        location /no-range/ {{ max_ranges 0; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = HttpServer(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", cert, root, proc, workdir)
+    deadline = time.monotonic() + timeout
+    (root / ".ready").write_bytes(b"ready")
+    import urllib.request
+    while True:
+        if proc.poll() is not None:
+            err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
+            raise RuntimeError(f"nginx exited with {proc.returncode}:\n{err[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/.ready", timeout=2) as r:
+                if r.read() == b"ready":
+                    return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"nginx did not answer within {timeout} s") from None
+            time.sleep(0.05)

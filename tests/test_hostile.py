@@ -10,6 +10,7 @@ download roots.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from helpers import log_files
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from servers import HttpServer, S3Server
 
 from artifactfs import Artifact, ArtifactFSError, InvalidName, Store, names
 from artifactfs.names import check_entry_path
@@ -187,9 +189,15 @@ def is_refusal(e: BaseException, uri: object) -> bool:
 @example(uri="s3://b/%2e%2e", name=None, checksum=True)
 @example(uri="file:///{box}/x.txt", name=None, checksum=False)
 def test_any_reference_is_logged_inside_its_version_or_refused(
-        fast_store: Store, sandbox: Path, tmp_path: Path, uri: object, name: str | None, checksum: bool) -> None:
+        fast_store: Store, sandbox: Path, tmp_path: Path, s3: S3Server, http_server: HttpServer,
+        monkeypatch: pytest.MonkeyPatch, uri: object, name: str | None, checksum: bool) -> None:
+    # s3:// and https:// with a checksum are looked up: on the test's own servers, never the
+    # network (SeaweedFS has none of these buckets; nginx answers for any host name).
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint)
     if isinstance(uri, str):
         uri = uri.replace("{box}", str(sandbox).lstrip("/"))
+        if checksum:
+            uri = re.sub(r"^https://[^/?#]*", http_server.url, uri)
     sentinel_before = snapshot(tmp_path / "sentinel")
     art = Artifact("refs", type="dataset")
     try:

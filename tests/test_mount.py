@@ -131,7 +131,7 @@ def ref_setup(store: Store, tmp_path: Path) -> tuple[Store, Path]:
     (d / "r.bin").write_bytes(b"logged reference bytes\n")
     art = Artifact("refs", type="dataset")
     art.add_reference(file_uri(str(d / "r.bin")), checksum=True)
-    art.add_reference("https://example.com/data.csv", name="web.csv")
+    art.add_reference("https://example.com/data.csv", name="web.csv", checksum=False)
     store.log_artifact(art)
     return store, d
 

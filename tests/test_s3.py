@@ -325,10 +325,12 @@ def test_cache_commands_show_fill_and_empty_the_cache(s3: S3Server, s3_store: St
     assert p.returncode != 0 and "NAME:VERSION" in p.stderr
 
 
-def test_a_local_store_has_no_cache_and_says_so(cli, store: Store) -> None:
+def test_a_local_store_has_a_cache_only_for_references_and_says_what_prefetch_cannot_do(cli, store: Store) -> None:
     log_files(store, "ds", {"a": b"a"})
     p = cli("cache")
-    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "no cache" in p.stderr
+    assert p.returncode == 0 and p.stdout.startswith(f"cache of {store.root}: 0 files, 0 B of 53.7 GB")
+    p = cli("cache", "prefetch", "ds:v0", check=False)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "nothing from elsewhere" in p.stderr
 
 
 def test_an_upload_never_overwrites_what_another_writer_put_unless_it_is_putting_a_damaged_one_right(

@@ -22,66 +22,29 @@ import itertools
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import blake3
 
+from ..cache import FETCH_CHUNK, FETCH_THREADS, HostCache, touch
 from ..config import StoreConfig, parse_blobs_url
 from ..digests import Count, Hashes, hash_bytes, hash_fd, is_oid
 from ..errors import ArtifactFSError
-from ..files import unlink_quietly
+from ..files import pwrite_all, unlink_quietly
+from ..s3client import error_code, make_client
 from . import BlobInfo, FileReader, Holder, Location, NewPack
 from .packs import PackedBlobs, PackIndex
 
-__all__ = ["S3Blobs", "make_client", "UPLOAD_THREADS"]
+__all__ = ["S3Blobs", "UPLOAD_THREADS"]
 
 log = logging.getLogger("artifactfs.s3")
 
 UPLOAD_THREADS = 16
 MULTIPART_THRESHOLD = 64 << 20
 MULTIPART_CHUNK = 8 << 20
-FETCH_CHUNK = 8 << 20  # a large blob is fetched in ranges of this size ...
-FETCH_THREADS = 8  # ... this many at once
 WINDOW = 4 << 20  # a packed blob's fetch brings the blobs after it in its pack up to this far
-# Packs written this recently are never trimmed: a log may not have uploaded them yet.
-PACK_GRACE = 600.0
-
-
-def _touch(fd: int) -> None:
-    """Mark a cached copy used now (the cache's order is by mtime: atime is not kept reliably)."""
-    try:
-        os.utime(fd)
-    except OSError:
-        pass  # a cache another user owns: its order is theirs
-
-
-def make_client(endpoint_url: str | None, region: str | None, *, timeout: float = 30.0) -> Any:
-    """A boto3 S3 client: credentials from the standard AWS chain, retries of what is safe to
-    repeat (every request we make is), path-style addressing for S3-compatible servers."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise ArtifactFSError("blobs in a bucket need boto3: pip install 'artifactfs[s3]'") from None
-    # Three attempts of a third of `timeout` each: a request that gets no answer fails (EIO)
-    # after about `timeout` (a 30 s read timeout per attempt made a hung server cost 4 minutes).
-    cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=UPLOAD_THREADS * 2,
-                 connect_timeout=max(timeout / 3, 0.1), read_timeout=max(timeout / 3, 0.1),
-                 s3={"addressing_style": "path"} if endpoint_url else None,
-                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1",
-                                          config=cfg)
-
-
-def _code(e: BaseException) -> str:
-    """The S3 error code of a botocore ClientError ('' for anything else)."""
-    resp = getattr(e, "response", None)
-    if not isinstance(resp, dict):
-        return ""
-    return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
@@ -93,17 +56,17 @@ class S3Blobs(PackedBlobs):
     progress, verified copies of what was read)."""
 
     def __init__(self, root: str, index: PackIndex, *, client: Any, bucket: str, prefix: str,
-                 cache_size: int) -> None:
+                 cache: HostCache) -> None:
         super().__init__(root, index)
-        self.dir = os.path.join(root, "cache")
-        self.tmpdir = os.path.join(self.dir, "tmp")
+        self.cache = cache
+        self.dir = cache.dir
+        self.tmpdir = cache.tmpdir
         self.packdir = os.path.join(self.dir, "packs")
         self.s3 = client
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
-        self.cache_size = cache_size
-        self._added = 0  # bytes fetched into the cache since it was last trimmed
-        self._trim_lock = threading.Lock()  # also guards the two dicts below
+        cache.on_trim.append(self.forget_packs)  # descriptors of removed packs would keep their space
+        self._trim_lock = threading.Lock()  # guards the dicts below
         self._pack_locks: dict[int, threading.Lock] = {}
         self._uploaded: set[str] = set()  # packs pack_closed sent up, until take_packs hands them over
         self._pack_index: dict[int, list[tuple[str, int, int]]] = {}
@@ -112,11 +75,11 @@ class S3Blobs(PackedBlobs):
         self._conditional = True  # cleared if the server refuses If-None-Match outright
 
     @classmethod
-    def from_config(cls, root: str, index: PackIndex, config: StoreConfig) -> S3Blobs:
+    def from_config(cls, root: str, index: PackIndex, config: StoreConfig, cache: HostCache) -> S3Blobs:
         assert config.blobs is not None
         bucket, prefix = parse_blobs_url(config.blobs)
         return cls(root, index, client=make_client(config.endpoint_url, config.region, timeout=config.io_timeout),
-                   bucket=bucket, prefix=prefix, cache_size=config.cache_size)
+                   bucket=bucket, prefix=prefix, cache=cache)
 
     @staticmethod
     def check_config(config: StoreConfig) -> None:
@@ -127,7 +90,7 @@ class S3Blobs(PackedBlobs):
         try:
             client.head_bucket(Bucket=bucket)
         except Exception as e:
-            code = _code(e)
+            code = error_code(e)
             if code in ("404", "NoSuchBucket"):
                 why = "does not exist"
             elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -162,7 +125,7 @@ class S3Blobs(PackedBlobs):
         try:
             return int(self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except Exception as e:
-            if _code(e) in _MISSING:
+            if error_code(e) in _MISSING:
                 return None
             raise self._error(e, key) from e
 
@@ -188,7 +151,7 @@ class S3Blobs(PackedBlobs):
                 kw: dict[str, Any] = {"IfNoneMatch": "*"} if self._conditional and not overwrite else {}
                 self.s3.put_object(Bucket=self.bucket, Key=key, Body=f, ContentLength=size, **kw)
             except Exception as e:
-                code = _code(e)
+                code = error_code(e)
                 if code in _EXISTS:
                     return size  # a concurrent writer put it first: the same bytes
                 if code == "NotImplemented" and self._conditional:
@@ -206,7 +169,7 @@ class S3Blobs(PackedBlobs):
             r = self.s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + size - 1}")
             return bytes(r["Body"].read())
         except Exception as e:
-            if _code(e) in _MISSING or _code(e) in ("InvalidRange", "416"):
+            if error_code(e) in _MISSING or error_code(e) in ("InvalidRange", "416"):
                 raise FileNotFoundError(errno.ENOENT,
                                         f"s3://{self.bucket}/{key} has no bytes {start}-{start + size}") from None
             raise self._error(e, key) from e
@@ -258,7 +221,7 @@ class S3Blobs(PackedBlobs):
         written = super()._install(tmp, oid, replace=replace)
         path = self.path(oid)
         if written or replace or self._head(self._blob_key(oid)) is None:
-            self._grew(self._upload(path, self._blob_key(oid), overwrite=replace))
+            self.cache.grew(self._upload(path, self._blob_key(oid), overwrite=replace))
         return written
 
     def mark_unsynced(self, oids: Iterable[str]) -> None:
@@ -284,7 +247,7 @@ class S3Blobs(PackedBlobs):
         except FileNotFoundError:
             pass
         else:
-            _touch(r.fd)
+            touch(r.fd)
             return r
         if at is None:
             at = self.index.locate(oid)
@@ -303,106 +266,15 @@ class S3Blobs(PackedBlobs):
         got = blake3.blake3(data).hexdigest()
         if got != oid:
             return got
-        tmp = self._fetch_tmp()
+        tmp = self.cache.tmp_name()
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
             os.chmod(tmp, 0o444)
-            self._install_fetched(tmp, oid)
+            self.cache.install(tmp, self.path(oid))
         finally:
             unlink_quietly(tmp)
         return got
-
-    def _fetch_tmp(self) -> str:
-        """A temp file name for a fetch (the cache may have been emptied by hand)."""
-        os.makedirs(self.tmpdir, exist_ok=True)
-        return self._tmp_name()
-
-    def _install_fetched(self, tmp: str, oid: str) -> None:
-        """Rename a verified fetched copy into the cache (not a put: nothing to upload)."""
-        dest = self.path(oid)
-        size = os.path.getsize(tmp)
-        try:
-            os.replace(tmp, dest)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(tmp, dest)
-        self._grew(size)
-
-    # -- the cache's bound -----------------------------------------------------------------------
-
-    def _grew(self, n: int) -> None:
-        """Count bytes added to the cache; past an eighth of the bound since the last look, trim."""
-        with self._trim_lock:
-            self._added += n
-            due = self._added >= max(self.cache_size // 8, 1)
-            if due:
-                self._added = 0
-        if due:
-            self.trim_cache()
-
-    def _cache_files(self) -> list[tuple[float, int, str]]:
-        """(mtime, size, path) of every blob and pack in the cache."""
-        out: list[tuple[float, int, str]] = []
-        for d in (self.dir, self.packdir):
-            try:
-                top = list(os.scandir(d))
-            except FileNotFoundError:
-                continue
-            for e in top:
-                if d == self.dir and len(e.name) == 2 and e.is_dir(follow_symlinks=False):
-                    try:
-                        inner = list(os.scandir(e.path))
-                    except FileNotFoundError:
-                        continue
-                elif d == self.packdir and e.name.endswith(".pack"):
-                    inner = [e]
-                else:
-                    continue
-                for f in inner:
-                    try:
-                        st = f.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # another process trimmed it
-                    out.append((st.st_mtime, st.st_size, f.path))
-        return out
-
-    def cache_usage(self) -> tuple[int, int]:
-        """(files, bytes) the cache holds now."""
-        files = self._cache_files()
-        return len(files), sum(n for _, n, _ in files)
-
-    def trim_cache(self, limit: int | None = None) -> tuple[int, int]:
-        """Remove the least recently used copies until the cache holds at most `limit` bytes
-        (default: seven eighths of the bound); (files, bytes) removed. Packs written in the last PACK_GRACE
-        seconds stay (a log in progress uploads its packs before its commit), so a cache smaller
-        than what one log packs exceeds its bound until that log is over. A reader with the file
-        open reads on: removing a name never takes the bytes from an open descriptor."""
-        # By default, room for the eighth of the bound a process adds before it trims again
-        # (_grew): the cache stays within its bound.
-        goal = limit if limit is not None else self.cache_size - max(self.cache_size // 8, 1)
-        files = self._cache_files()
-        total = sum(n for _, n, _ in files)
-        if total <= goal:
-            return 0, 0
-        now = time.time()
-        removed = freed = 0
-        for mtime, size, path in sorted(files):
-            if total <= goal:
-                break
-            if mtime > now - PACK_GRACE and path.endswith(".pack"):
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            total -= size
-            removed += 1
-            freed += size
-        if removed:
-            self.forget_packs()  # descriptors of removed packs would keep their space
-            log.info("cache trimmed: %d files, %d bytes removed", removed, freed)
-        return removed, freed
 
     def _corrupt(self, oid: str, got: str) -> OSError:
         log.error("blob %s in %s is corrupt (its bytes hash to %s): not served", oid, self.url, got)
@@ -416,18 +288,14 @@ class S3Blobs(PackedBlobs):
         size = self._head(key)
         if size is None:
             raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}")
-        tmp = self._fetch_tmp()
+        tmp = self.cache.tmp_name()
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             try:
                 def part(start: int) -> bytes:
                     data = self._get_range(key, start, min(FETCH_CHUNK, size - start))
-                    view = memoryview(data)
-                    off = start
-                    while view:
-                        n = os.pwrite(fd, view, off)
-                        view, off = view[n:], off + n
+                    pwrite_all(fd, data, start)
                     return data
 
                 starts = iter(range(0, size, FETCH_CHUNK))
@@ -443,7 +311,7 @@ class S3Blobs(PackedBlobs):
             got = h.hexdigest()
             if got != oid:
                 raise self._corrupt(oid, got)
-            self._install_fetched(tmp, oid)
+            self.cache.install(tmp, self.path(oid))
         finally:
             unlink_quietly(tmp)
 
@@ -491,12 +359,12 @@ class S3Blobs(PackedBlobs):
                 count(len(data))
             return hash_bytes(data)
         key = self._blob_key(oid)
-        tmp = self._fetch_tmp()
+        tmp = self.cache.tmp_name()
         try:
             try:
                 self.s3.download_file(self.bucket, key, tmp)
             except Exception as e:
-                if _code(e) in _MISSING:
+                if error_code(e) in _MISSING:
                     raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
                 raise self._error(e, key) from e
             fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
@@ -546,7 +414,7 @@ class S3Blobs(PackedBlobs):
         except BaseException:
             PackedBlobs.remove_packs(self, [p.name for p in packs])
             raise
-        self._grew(sum(p.size for p in packs))
+        self.cache.grew(sum(p.size for p in packs))
         return packs
 
     @staticmethod
@@ -604,7 +472,7 @@ class S3Blobs(PackedBlobs):
         except OSError:
             raise
         except Exception as e:
-            if _code(e) in _MISSING:
+            if error_code(e) in _MISSING:
                 raise FileNotFoundError(errno.ENOENT, f"blob {oid} is not in {self.url}") from None
             raise self._error(e, dest) from e
         unlink_quietly(self.path(oid))

@@ -35,6 +35,7 @@ from ..catalog import Catalog, EntryRow, Snapshot, VersionId
 from ..errors import InvalidName, NotFound
 from ..files import Fingerprint, fingerprint
 from ..refs.file import holds_digest, local_path_of, logged_fingerprint
+from ..refs.remote import Pin, RemoteChanged, RemoteRefs, is_remote, pin_of
 from ..tree import DIRECTORY, SYMLINK, check_link_target
 
 __all__ = ["VFS", "Attr", "Node", "Dir", "File", "BlobFile", "RefFile", "Link", "VersionRoot",
@@ -162,6 +163,23 @@ class RefFile(File):
         self.bad: Fingerprint | None = None
         self.in_doubt = False
         self.meta: tuple[int, int, int] | None = None  # (uid, gid, mode) of the referenced file
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+
+class RemoteFile(File):
+    """An s3:// or http(s):// reference logged with a checksum: read from the host cache,
+    fetched (off the request thread) pinned to `pin` on a miss."""
+
+    __slots__ = ("_digest", "path", "pin")
+
+    def __init__(self, ino: InodeT, name: bytes, root: VersionRoot, digest: str, *, path: str, pin: Pin) -> None:
+        super().__init__(ino, name, root, pin.size)
+        self._digest = digest  # the ETag, as W&B records it
+        self.path = path  # entry path, for log lines
+        self.pin = pin
 
     @property
     def digest(self) -> str:
@@ -309,9 +327,11 @@ class VFS:
 
     def __init__(self, catalog: Catalog, blobs: BlobBackend, *, version: VersionInfo | None = None,
                  verify_blobs: bool = False, uid: int | None = None, gid: int | None = None,
-                 watch: Callable[[str], None] | None = None, space_of: str = "/") -> None:
+                 watch: Callable[[str], None] | None = None, space_of: str = "/",
+                 remote: RemoteRefs | None = None) -> None:
         self.catalog = catalog
         self.blobs = blobs
+        self.remote = remote  # s3:// and http(s):// references' content (None: they are EIO)
         self.space_of = space_of  # a path on the store's filesystem, for statfs
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -679,6 +699,9 @@ class VFS:
                 target = _escape_slashes(str(row.target))
             return Link(ino, name, vr, target, row.digest)
         ref = row.ref or ""
+        if row.size is not None and is_remote(ref, row.digest, row.size):
+            pin = pin_of(ref, row.digest, row.size, row.extra)
+            return RemoteFile(ino, name, vr, row.digest, path=row.path, pin=pin)
         local = local_path_of(ref)
         if row.digest == ref and row.size is None:
             # A tracked reference: a symlink to the local path, or to the URI itself.
@@ -791,6 +814,8 @@ class VFS:
             out[XATTR_DIGEST] = n.digest.encode()
             if isinstance(n, RefFile):
                 out[XATTR_REF] = n.ref.encode()
+            elif isinstance(n, RemoteFile):
+                out[XATTR_REF] = n.pin.uri.encode()
         # Links get none: Linux refuses user.* xattrs on symlinks before asking us.
         return out
 
@@ -799,7 +824,7 @@ class VFS:
         vr = n.root
         if vr is None:
             return n.name.decode("utf-8", "replace")
-        if isinstance(n, RefFile):
+        if isinstance(n, RefFile | RemoteFile):
             return f"{vr.label}/{n.path}"
         parts: list[bytes] = []
         cur: Node | None = n
@@ -877,6 +902,8 @@ class VFS:
             return self._open_blob(n.blob, n, may_hash, n.at)
         if isinstance(n, RefFile):
             return self._open_ref(n, may_hash)
+        if isinstance(n, RemoteFile):
+            return self._open_remote(n, may_hash)
         if isinstance(n, Dir):
             raise OSError(errno.EISDIR, "is a directory")
         raise OSError(errno.EINVAL, "not a regular file")
@@ -972,6 +999,22 @@ class VFS:
             if fd >= 0:
                 os.close(fd)
             raise
+
+    def _open_remote(self, n: RemoteFile, may_hash: bool) -> OpenFile:
+        if self.remote is None:
+            log.error("%s: %s is not read by this mount", self.entry_label(n), n.pin.uri)
+            raise OSError(errno.EIO, "remote reference")
+        if not may_hash and not self.remote.is_cached(n.pin):
+            raise NeedsHash()  # a fetch: off the request thread
+        try:
+            reader = self.remote.open(n.pin)
+        except RemoteChanged as e:
+            log.error("%s: %s; reading it fails with EIO, never with other bytes", self.entry_label(n), e.strerror)
+            raise
+        except OSError as e:
+            log.error("%s: %s cannot be fetched: %s", self.entry_label(n), n.pin.uri, e.strerror or e)
+            raise OSError(errno.EIO, "fetch failed") from None
+        return OpenFile(reader, n.size, None)
 
     def ref_stale(self, h: OpenFile) -> bool:
         """True when the referenced file behind a kept descriptor changed (open-less mode: the

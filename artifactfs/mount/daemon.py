@@ -145,7 +145,7 @@ class _Daemon:
                 version = VersionInfo(v.id, v.name, v.index, v.created_at.timestamp())
                 self.label = f"{v.name}:v{v.index}"
             vfs = VFS(store.catalog, store.blobs, version=version, verify_blobs=self.verify_reads,
-                      watch=watcher.watch, space_of=store.root)
+                      watch=watcher.watch, space_of=store.root, remote=store.remote)
             self.store = store
             watcher.start(vfs.mark_in_doubt)
             vfs.apply_snapshot(store.catalog.snapshot())
