@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fusehelpers import Mounter, mounter  # noqa: F401
-from servers import HttpServer, S3Server
+from servers import HttpServer, S3Server, start_seaweed
 from test_wandb import in_wandb, wandb_env, wandb_python  # noqa: F401
 
 from artifactfs import Artifact, ArtifactFSError, DigestMismatch, InvalidName, NotFound, Store
@@ -90,6 +90,16 @@ def test_a_prefix_expands_to_one_entry_per_object_and_a_large_one_is_fetched_in_
     assert (out / "again" / "b.bin").read_bytes() == OBJECTS["data/sub/b.bin"]
     # One copy in the cache per object, however many entries name it.
     assert store.cache_usage() == (len(OBJECTS), sum(map(len, OBJECTS.values())))
+
+
+def test_keys_with_query_and_percent_characters_are_read_as_the_listing_named_them(
+        s3: S3Server, bucket: str, store: Store) -> None:
+    odd = {"odd/what?x=1": b"q", "odd/50%25 off": b"p", "odd/hash#tag": b"h"}
+    for key, data in odd.items():
+        s3.client().put_object(Bucket=bucket, Key=key, Body=data)
+    v = log_refs(store, (f"s3://{bucket}/odd/", {}))
+    assert {p: read(v, p) for p in v.manifest.entries} == {k[len("odd/"):]: d for k, d in odd.items()}
+    assert v.get_path("what?x=1").ref == f"s3://{bucket}/odd/what?x=1"
 
 
 def test_bad_or_missing_s3_references_are_refused_and_nothing_is_logged(bucket: str, store: Store) -> None:
@@ -188,6 +198,36 @@ def test_the_mount_serves_s3_references_and_answers_eio_for_a_changed_one(
     assert e.value.errno == errno.EIO
     assert "remote:v0/sub/c.txt" in m.log_text() and "changed since it was logged" in m.log_text()
     assert os.getxattr(v0 / "a.txt", "user.artifactfs.ref") == f"s3://{bucket}/data/a.txt".encode()
+
+
+def test_a_reference_whose_server_is_gone_is_eio_in_bounded_time_and_is_read_once_it_is_back(
+        s3: S3Server, tmp_path: Path, mounter: Mounter, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = start_seaweed(tmp_path / "own-seaweed")  # killed: not the session's server
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", own.endpoint)
+        name = own.new_bucket()
+        small, big = b"small\n", rng(2 * FETCH_CHUNK)
+        own.client().put_object(Bucket=name, Key="small.txt", Body=small)
+        own.client().put_object(Bucket=name, Key="big.bin", Body=big)
+        s = Store.init(tmp_path / "st")
+        log_refs(s, (f"s3://{name}/", {}))
+        s.close()
+        m = mounter.start(s.root, "--io-timeout", "2")
+        v0 = m.path / "remote" / "v0"
+        assert (v0 / "small.txt").read_bytes() == small
+        own.kill()
+        started = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (v0 / "big.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - started < 30  # a bounded wait, not a hang
+        assert "remote:v0/big.bin" in m.log_text()  # logged with its entry
+        assert (v0 / "small.txt").read_bytes() == small  # what is cached is served
+        own = own.restart()
+        assert (v0 / "big.bin").read_bytes() == big
+        assert not list((Path(s.root) / "cache" / "tmp").iterdir())  # the failed fetch left nothing behind
+    finally:
+        own.stop()
 
 
 def test_cache_prefetch_fills_the_cache_for_remote_references_of_a_local_store(

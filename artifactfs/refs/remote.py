@@ -128,7 +128,8 @@ class RemoteHandler:
 
 
 def _parse_s3(uri: str) -> tuple[str, str, str | None]:
-    """(bucket, key, version ID) of ``s3://bucket/key[?versionId=V]``."""
+    """(bucket, key, version ID) of ``s3://bucket/key[?versionId=V]`` as a user gives it (the
+    key as written, not percent-decoded: W&B's S3Handler reads it the same way)."""
     parts = urllib.parse.urlsplit(uri)
     if not parts.netloc:
         raise ReferenceError_(f"reference {uri!r} names no bucket (s3://BUCKET/KEY)")
@@ -137,7 +138,14 @@ def _parse_s3(uri: str) -> tuple[str, str, str | None]:
     if unknown:
         raise ReferenceError_(f"reference {uri!r}: unknown query parameter {sorted(unknown)[0]!r} "
                               "(only versionId is understood)")
-    return parts.netloc, urllib.parse.unquote(parts.path.lstrip("/")), query.get("versionId")
+    return parts.netloc, parts.path.lstrip("/"), query.get("versionId")
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """(bucket, key) of a logged ``s3://bucket/key``: the key verbatim (a listed key may hold
+    '?', '#' or '%')."""
+    bucket, _, key = ref[len("s3://"):].partition("/")
+    return bucket, key
 
 
 def _basename(uri: str) -> str:
@@ -249,7 +257,7 @@ class _S3:
         return sorted(out)
 
     def get(self, pin: Pin, start: int, n: int) -> bytes:
-        bucket, key, _ = _parse_s3(pin.uri)
+        bucket, key = _split_ref(pin.uri)
         etag = pin.etag.strip('"')  # W&B records S3 ETags without quotes (an import may have them)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{start + n - 1}"}
         if pin.version:
@@ -279,7 +287,7 @@ class _S3:
 
     def check(self, pin: Pin) -> None:
         """Raise RemoteChanged unless the object still fetches as logged (a HEAD)."""
-        bucket, key, _ = _parse_s3(pin.uri)
+        bucket, key = _split_ref(pin.uri)
         args: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if pin.version:
             args["VersionId"] = pin.version
