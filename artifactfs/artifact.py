@@ -258,7 +258,8 @@ class Artifact:
 
     @property
     def manifest(self) -> Manifest:
-        """The draft's manifest: local files hashed now; artifact:// refs resolve at log time."""
+        """The draft's manifest: local files hashed now; artifact://, s3:// and http(s):// refs
+        resolve at log time."""
         m = Manifest()
         for path, item in self._pending.items():
             h = hash_file(item.src, md5=isinstance(item, FileRef)) if needs_content(item) else None

@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import ArtifactFSError
 
-__all__ = ["make_client", "error_code", "POOL_CONNECTIONS"]
+__all__ = ["make_client", "error_code", "credentials_problem", "POOL_CONNECTIONS"]
 
 POOL_CONNECTIONS = 32  # two per upload thread of a log (blobs.s3.UPLOAD_THREADS)
 
@@ -37,3 +37,12 @@ def error_code(e: BaseException) -> str:
     if not isinstance(resp, dict):
         return ""
     return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def credentials_problem(e: BaseException) -> str | None:
+    """What to say when a request failed for want of good credentials (None: it did not)."""
+    if error_code(e) in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return "refused our credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
+    if type(e).__name__ == "NoCredentialsError":
+        return "cannot be asked: no AWS credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
+    return None

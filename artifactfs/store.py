@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import names
 from .artifact import Artifact, EmptyDir, LocalFile, entry_of, needs_content
@@ -37,9 +37,6 @@ from .refs.artifact import resolve_artifact_ref
 from .refs.file import local_path_of, logged_fingerprint, open_checked_ref
 from .refs.remote import RemoteChanged, RemoteRefs, pin_of
 from .tree import DIRECTORY, FILE, SYMLINK, Kind, check_link_target, link_problem, table_lookup
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Store", "ArtifactVersion", "GCReport", "default_root"]
 

@@ -33,7 +33,7 @@ from ..config import StoreConfig, parse_blobs_url
 from ..digests import Count, Hashes, hash_bytes, hash_fd, is_oid
 from ..errors import ArtifactFSError
 from ..files import pwrite_all, unlink_quietly
-from ..s3client import error_code, make_client
+from ..s3client import credentials_problem, error_code, make_client
 from . import BlobInfo, FileReader, Holder, Location, NewPack
 from .packs import PackedBlobs, PackIndex
 
@@ -90,15 +90,9 @@ class S3Blobs(PackedBlobs):
         try:
             client.head_bucket(Bucket=bucket)
         except Exception as e:
-            code = error_code(e)
-            if code in ("404", "NoSuchBucket"):
-                why = "does not exist"
-            elif code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                why = "refused our credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
-            elif type(e).__name__ == "NoCredentialsError":
-                why = "cannot be asked: no AWS credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
-            else:
-                why = f"does not answer: {e}"
+            why = credentials_problem(e)
+            if why is None:
+                why = "does not exist" if error_code(e) in ("404", "NoSuchBucket") else f"does not answer: {e}"
             where = f" at {config.endpoint_url}" if config.endpoint_url else ""
             raise ArtifactFSError(f"bucket {bucket!r}{where} {why}") from None
 

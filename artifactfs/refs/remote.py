@@ -34,7 +34,7 @@ from ..cache import FETCH_CHUNK, FETCH_THREADS, HostCache, touch
 from ..config import StoreConfig
 from ..errors import ArtifactFSError, InvalidName, NotFound, ReferenceError_
 from ..files import pwrite_all, unlink_quietly
-from ..s3client import error_code, make_client
+from ..s3client import credentials_problem, error_code, make_client
 from .tracked import Tracked, TrackedHandler
 
 if TYPE_CHECKING:
@@ -183,14 +183,10 @@ class _S3:
             return self._client
 
     def _fail(self, uri: str, e: BaseException) -> ArtifactFSError:
-        code = error_code(e)
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            why = "refused our credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
-        elif type(e).__name__ == "NoCredentialsError":
-            why = "cannot be read: no AWS credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
-        elif code in ("NoSuchBucket",):
+        why = credentials_problem(e)
+        if why is None and error_code(e) == "NoSuchBucket":
             why = "is in a bucket that does not exist"
-        else:
+        elif why is None:
             why = f"cannot be looked up: {e}"
         return ReferenceError_(f"reference {uri}: {why}")
 
